@@ -1,0 +1,40 @@
+"""Helpers for the notebooks: the book's plotting setup and the scorecard glue.
+
+``verdict("K2", "true", "max |bnlib − torch| = 2e-7")`` records a chapter's verdict and
+key number so the landing page's scorecard shows what the executed chapter measured
+(via myst-nb's ``glue``); outside a book build it just returns the values.
+"""
+from __future__ import annotations
+
+__all__ = ["setup", "verdict", "glue"]
+
+VERDICTS = ("true", "partly true", "contested", "misleading", "false", "depends")
+
+
+def setup() -> None:
+    """Seaborn theme, inline figures, quiet progress bars: the first code cell of a chapter."""
+    from . import plots
+    plots.set_theme()
+
+
+def glue(key: str, value, display: bool = False) -> None:
+    """``myst_nb.glue`` when available (the book build), otherwise nothing."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:  # running in a plain Jupyter/Colab without myst-nb
+        return
+    _glue(key, value, display=display)
+
+
+def verdict(claim: str, word: str, key_number: str) -> tuple[str, str]:
+    """Record the verdict on ``claim`` (e.g. ``"K2"``) for the scorecard.
+
+    ``word`` is one of the book's verdict words (``depends`` may be followed by what it
+    depends on, e.g. ``"depends (on the init)"``); ``key_number`` is the short measured
+    result shown next to it, formatted from numbers the notebook just computed.
+    """
+    if not any(word == v or word.startswith(v + " ") for v in VERDICTS):
+        raise ValueError(f"verdict must start with one of {VERDICTS}, got {word!r}")
+    glue(f"{claim}_verdict", word)
+    glue(f"{claim}_number", key_number)
+    return word, key_number

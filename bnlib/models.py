@@ -1,0 +1,188 @@
+"""Builders for the networks the chapters train: an MLP and a small CNN with knobs.
+
+Every hidden layer is a :class:`Block` with three named children, so chapters can hook
+into them by name: ``block.layer`` (the Linear or Conv2d), ``block.norm`` (the
+normaliser, ``nn.Identity`` when there is none) and ``block.act`` (the activation; its
+*input* is "the input of the nonlinearity" that the BN paper plots). The order inside a
+block is ``layer → norm → act`` for ``placement="before"`` (BN before the activation, as
+in the original paper) and ``layer → act → norm`` for ``placement="after"`` (the
+article's advice). A layer that a batch norm directly follows gets no bias: the norm's
+β replaces it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import nn as bnn
+
+__all__ = ["Block", "Net", "mlp", "cnn", "ACTIVATIONS", "NORMS"]
+
+Activation = Literal["relu", "sigmoid", "tanh", "gelu", "identity"]
+Norm = str  # one of NORMS
+Placement = Literal["before", "after"]
+Init = Literal["kaiming", "xavier", "normal", "default"]
+
+ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
+               "identity": nn.Identity}
+NORMS = ("none", "batch", "layer", "group")
+
+
+def make_norm(kind: Norm, features: int, *, conv: bool, impl: str = "bnlib",
+              groups: int = 8) -> nn.Module:
+    """A normalisation layer for ``features`` channels; ``impl`` picks bnlib's BN or torch's."""
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        lib = {"bnlib": bnn, "torch": nn}.get(impl)
+        if lib is None:
+            raise ValueError(f"impl must be 'bnlib' or 'torch', got {impl!r}")
+        return lib.BatchNorm2d(features) if conv else lib.BatchNorm1d(features)
+    if kind == "layer":
+        # For images, LayerNorm over (C, H, W) is GroupNorm with one group.
+        return nn.GroupNorm(1, features) if conv else nn.LayerNorm(features)
+    if kind == "group":
+        g = math.gcd(groups, features)
+        from .norms import GroupNorm  # bnlib's from-scratch GroupNorm (chapter 16)
+        return GroupNorm(g, features)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class Block(nn.Module):
+    """One hidden layer: weight layer, normaliser and activation, optionally residual."""
+
+    def __init__(self, layer: nn.Module, norm: nn.Module, act: nn.Module,
+                 placement: Placement = "before", residual: bool = False,
+                 pool: nn.Module | None = None) -> None:
+        super().__init__()
+        if placement not in ("before", "after"):
+            raise ValueError(f"placement must be 'before' or 'after', got {placement!r}")
+        self.layer, self.norm, self.act = layer, norm, act
+        self.pool = pool if pool is not None else nn.Identity()
+        self.drop = nn.Identity()  # dropout on the block's input (see mlp's ``dropout``)
+        self.placement, self.residual = placement, residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer(self.drop(x))
+        h = self.act(self.norm(h)) if self.placement == "before" else self.norm(self.act(h))
+        return self.pool(x + h if self.residual else h)
+
+    def extra_repr(self) -> str:
+        return f"placement={self.placement}, residual={self.residual}"
+
+
+class Net(nn.Module):
+    """``blocks`` (a ModuleList of :class:`Block`), then an optional pooling ``neck``, then ``head``."""
+
+    def __init__(self, blocks: Sequence[Block], head: nn.Module, neck: nn.Module | None = None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.neck = neck if neck is not None else nn.Identity()
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.neck(x))
+
+    def weight_layers(self) -> list[nn.Module]:
+        """The Linear/Conv layers in order, the head last (for gradient and weight probes)."""
+        return [b.layer for b in self.blocks] + [self.head]
+
+
+def init_weights(model: nn.Module, scheme: Init = "kaiming", scale: float = 1.0,
+                 std: float | None = None, nonlinearity: str = "relu") -> nn.Module:
+    """(Re)initialise every Linear/Conv weight; biases start at zero.
+
+    ``scheme``: ``kaiming`` (He normal, std = gain/√fan_in), ``xavier`` (Glorot normal),
+    ``normal`` (needs ``std``), ``default`` (leave PyTorch's). ``scale`` multiplies the
+    std (chapter 8 sweeps it); ``std`` overrides the scheme with an explicit value.
+    """
+    gain_of = {"relu": "relu", "gelu": "relu", "sigmoid": "sigmoid", "tanh": "tanh",
+               "identity": "linear"}
+    for m in model.modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        if std is not None or scheme == "normal":
+            if std is None:
+                raise ValueError("init scheme 'normal' needs an explicit std")
+            nn.init.normal_(m.weight, 0.0, std * scale)
+        elif scheme == "kaiming":
+            nn.init.kaiming_normal_(m.weight, nonlinearity=gain_of[nonlinearity])
+            m.weight.data.mul_(scale)
+        elif scheme == "xavier":
+            nn.init.xavier_normal_(m.weight, gain=scale)
+        elif scheme == "default":
+            m.weight.data.mul_(scale)
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}")
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def mlp(in_features: int, num_classes: int, *, depth: int = 3, width: int = 128,
+        activation: Activation = "relu", norm: Norm = "none", placement: Placement = "before",
+        residual: bool = False, init: Init = "kaiming", init_scale: float = 1.0,
+        init_std: float | None = None, norm_impl: str = "bnlib",
+        residual_branch_scale: float | None = None, dropout: float = 0.0,
+        dropout_at: Literal["blocks", "head"] = "blocks") -> Net:
+    """A multilayer perceptron with ``depth`` hidden layers of ``width`` units.
+
+    ``dropout`` (a probability) is applied to the input of every hidden layer after the
+    first and of the classifier (``dropout_at="blocks"``: so with ``placement="before"``
+    it sits in front of the next batch norm), or only in front of the classifier, after
+    every batch norm (``dropout_at="head"``). The classifier's dropout is ``net.neck``.
+
+    With ``residual=True`` every hidden layer after the first adds its input back
+    (``x + block(x)``); ``residual_branch_scale`` multiplies the initial weights of those
+    residual branches (e.g. ``1/√depth`` to train deep residual nets without BN).
+    """
+    if depth < 1 or width < 1:
+        raise ValueError(f"depth and width must be ≥ 1, got depth={depth}, width={width}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    blocks = []
+    for i in range(depth):
+        fan_in = in_features if i == 0 else width
+        bias = not (norm == "batch" and placement == "before")
+        blocks.append(Block(nn.Linear(fan_in, width, bias=bias),
+                            make_norm(norm, width, conv=False, impl=norm_impl),
+                            ACTIVATIONS[activation](), placement, residual and i > 0))
+        if dropout and dropout_at == "blocks" and i > 0:
+            blocks[-1].drop = nn.Dropout(dropout)
+    if dropout_at not in ("blocks", "head"):
+        raise ValueError(f"dropout_at must be 'blocks' or 'head', got {dropout_at!r}")
+    net = Net(blocks, nn.Linear(width, num_classes), nn.Dropout(dropout) if dropout else None)
+    init_weights(net, init, init_scale, init_std, activation)
+    if residual and residual_branch_scale is not None:
+        with torch.no_grad():
+            for block in net.blocks[1:]:
+                block.layer.weight.mul_(residual_branch_scale)
+    return net
+
+
+def cnn(in_channels: int, num_classes: int, *, channels: Sequence[int] = (16, 32, 64),
+        activation: Activation = "relu", norm: Norm = "none", placement: Placement = "before",
+        pool_every: int = 1, init: Init = "kaiming", init_scale: float = 1.0,
+        init_std: float | None = None, norm_impl: str = "bnlib") -> Net:
+    """A small VGG-style CNN: 3×3 conv blocks, 2×2 max-pooling after every ``pool_every``
+    blocks, global average pooling and a linear classifier."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    blocks, c_in = [], in_channels
+    for i, c in enumerate(channels):
+        bias = not (norm == "batch" and placement == "before")
+        pool = pool_every and (i + 1) % pool_every == 0 and i + 1 < len(channels)
+        blocks.append(Block(nn.Conv2d(c_in, c, 3, padding=1, bias=bias),
+                            make_norm(norm, c, conv=True, impl=norm_impl),
+                            ACTIVATIONS[activation](), placement,
+                            pool=nn.MaxPool2d(2) if pool else None))
+        c_in = c
+    neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net = Net(blocks, nn.Linear(c_in, num_classes), neck)
+    init_weights(net, init, init_scale, init_std, activation)
+    return net

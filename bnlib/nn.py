@@ -1,0 +1,190 @@
+"""Batch-norm layers that are drop-in replacements for ``torch.nn.BatchNorm1d/2d``.
+
+Same constructor, same parameters and buffers (so a ``state_dict`` moves between the two
+implementations in both directions), same train/eval semantics, same errors. The
+arithmetic is :func:`bnlib.functional.batch_norm`.
+
+The conventions, spelled out because teaching code often gets them wrong:
+
+* ``momentum`` weighs the *new* batch: ``running = (1 - momentum) * running + momentum * batch``
+  (Keras' ``momentum=0.99`` is PyTorch's ``momentum=0.01``);
+* ``momentum=None`` makes the running statistics a cumulative average over
+  ``num_batches_tracked`` batches (used for "precise" statistics);
+* the batch is normalised with the biased variance; ``running_var`` stores the unbiased one;
+* ``track_running_stats=False`` keeps no buffers and always normalises with the batch;
+* the mode is the module's ``training`` flag (``model.train()`` / ``model.eval()``),
+  never whether gradients are enabled.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "convert", "batchnorm_layers"]
+
+
+class _BatchNorm(nn.Module):
+    """Shared state and forward of the batch-norm layers (mirrors torch's ``_BatchNorm``)."""
+
+    _version = 2  # the state_dict version torch uses since num_batches_tracked was added
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.register_parameter(
+            "weight", nn.Parameter(torch.empty(num_features, **factory)) if affine else None)
+        self.register_parameter(
+            "bias", nn.Parameter(torch.empty(num_features, **factory)) if affine and bias else None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Forget the running statistics: mean 0, variance 1, no batches seen."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """γ = 1 and β = 0, so a fresh layer is a pure normalisation."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._expected_dims:
+            want = " or ".join(f"{d}D" for d in self._expected_dims)
+            raise ValueError(f"expected {want} input (got {x.dim()}D input)")
+        if x.shape[1] != self.num_features:
+            raise RuntimeError(
+                f"{type(self).__name__}({self.num_features}) got an input with "
+                f"{x.shape[1]} channels (shape {tuple(x.shape)}): running_mean should "
+                f"contain {x.shape[1]} elements not {self.num_features}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average of every batch seen so far
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or self.running_mean is None
+        update = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs) -> None:
+        # Old checkpoints (version < 2) have no num_batches_tracked; default it to 0 as torch does.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over ``(N, C)`` or ``(N, C, L)`` inputs; statistics per channel ``C``."""
+
+    _expected_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over ``(N, C, H, W)`` inputs; statistics per channel over N, H and W."""
+
+    _expected_dims = (4,)
+
+
+_PAIRS = {
+    "bnlib": {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d},
+    "torch": {BatchNorm1d: nn.BatchNorm1d, BatchNorm2d: nn.BatchNorm2d},
+}
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every batch-norm layer of ``model`` (bnlib's or torch's), in module order."""
+    kinds = (_BatchNorm, nn.modules.batchnorm._BatchNorm)
+    return [m for m in model.modules() if isinstance(m, kinds)]
+
+
+def convert(model: nn.Module, to: Literal["bnlib", "torch"] = "bnlib") -> nn.Module:
+    """Swap every BatchNorm1d/2d of ``model`` for the other implementation, in place.
+
+    Constructor options, parameters, running statistics, device, dtype and train/eval
+    mode are kept, so the converted model computes the same function. Returns ``model``
+    (or the new layer when ``model`` itself is a batch-norm layer).
+    """
+    if to not in _PAIRS:
+        raise ValueError(f"to must be 'bnlib' or 'torch', got {to!r}")
+    table = _PAIRS[to]
+
+    def swap(layer: nn.Module) -> nn.Module:
+        cls = table[type(layer)]
+        ref = layer.weight if layer.weight is not None else layer.running_mean
+        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = cls(layer.num_features, eps=layer.eps, momentum=layer.momentum,
+                  affine=layer.affine, track_running_stats=layer.track_running_stats,
+                  bias=layer.bias is not None or not layer.affine, **factory)
+        new.load_state_dict(layer.state_dict())
+        new.train(layer.training)
+        return new
+
+    if type(model) in table:
+        return swap(model)
+    for name, child in model.named_children():
+        if type(child) in table:
+            setattr(model, name, swap(child))
+        else:
+            convert(child, to)
+    return model

@@ -1,0 +1,97 @@
+"""One look for every figure of the book, and the plot helpers the chapters share.
+
+Each helper takes a tidy DataFrame (as returned by the experiments) and an optional
+matplotlib ``ax``, draws, and returns the ``ax``. Bands are the spread over seeds.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+__all__ = ["set_theme", "learning_curves", "sweep", "percentile_bands", "ARM_COLORS", "new_axes"]
+
+ARM_COLORS = {"plain": "#7f7f7f", "no BN": "#7f7f7f", "none": "#7f7f7f",
+              "BN": "#1f77b4", "batch": "#1f77b4", "bn": "#1f77b4"}
+
+
+def set_theme() -> None:
+    """The book's seaborn theme: white grid, readable fonts, colour-blind palette."""
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind",
+                  rc={"figure.figsize": (7.0, 4.0), "figure.dpi": 100, "axes.titleweight": "bold",
+                      "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False})
+
+
+def new_axes(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 3.8, **kw):
+    """A figure with ``nrows × ncols`` axes sized for the book's page."""
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+                        constrained_layout=True, squeeze=False, **kw)
+
+
+def _palette(values: Sequence) -> dict | None:
+    values = list(dict.fromkeys(values))
+    if all(v in ARM_COLORS for v in values):
+        return {v: ARM_COLORS[v] for v in values}
+    return None
+
+
+def learning_curves(df: pd.DataFrame, *, x: str = "step", y: str = "accuracy",
+                    hue: str = "arm", split: str | None = "val", errorbar=("sd", 1),
+                    ax=None, logy: bool = False, title: str | None = None):
+    """Mean curve per ``hue`` with a band of ± one standard deviation over seeds."""
+    ax = ax or plt.gca()
+    data = df if split is None else df[df["split"] == split]
+    sns.lineplot(data=data, x=x, y=y, hue=hue, errorbar=errorbar, ax=ax,
+                 palette=_palette(data[hue]) if hue else None)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title or "")
+    return ax
+
+
+def sweep(df: pd.DataFrame, *, x: str, y: str, hue: str = "arm", logx: bool = True,
+          diverged: str | None = "diverged", errorbar=("sd", 1), ax=None, title: str | None = None):
+    """A metric against a swept value, one line per ``hue``, mean ± sd over seeds.
+
+    Where runs diverged (column ``diverged`` true), a red × marks the swept value, so a
+    missing point is never mistaken for a good one.
+    """
+    ax = ax or plt.gca()
+    ok = df[~df[diverged]] if diverged in df else df
+    sns.lineplot(data=ok, x=x, y=y, hue=hue, marker="o", errorbar=errorbar, ax=ax,
+                 palette=_palette(df[hue]) if hue else None)
+    if diverged in df and df[diverged].any():
+        bad = df[df[diverged]].drop_duplicates([x, hue] if hue else [x])
+        ax.scatter(bad[x], np.full(len(bad), ax.get_ylim()[0]), marker="x", color="red",
+                   zorder=5, clip_on=False, label="diverged")
+        ax.legend()
+    if logx:
+        ax.set_xscale("log")
+    ax.set_title(title or "")
+    return ax
+
+
+def percentile_bands(df: pd.DataFrame, *, x: str = "step", hue: str = "arm",
+                     lo: str = "p15", mid: str = "p50", hi: str = "p85", ax=None,
+                     title: str | None = None):
+    """The median as a line and the band between two percentiles, per ``hue``
+    (the BN paper's Figure 1(b, c) view of one unit's input distribution over training)."""
+    ax = ax or plt.gca()
+    groups = list(dict.fromkeys(df[hue])) if hue else [None]
+    colors = _palette(groups) or dict(zip(groups, sns.color_palette(n_colors=len(groups))))
+    for g in groups:
+        d = df if g is None else df[df[hue] == g]
+        d = d.groupby(x)[[lo, mid, hi]].mean().reset_index()
+        ax.plot(d[x], d[mid], color=colors[g], label=f"{g} (median)" if g is not None else "median")
+        ax.fill_between(d[x], d[lo], d[hi], color=colors[g], alpha=0.25)
+    ax.legend()
+    ax.set_title(title or "")
+    return ax
+
+
+if matplotlib.get_backend().lower() == "agg":  # headless runs: no interactive surprises
+    plt.ioff()
