@@ -1,0 +1,558 @@
+"""Part I, Foundations (chapters 1-3): what batch norm computes, its backward pass, and
+what changes between training and inference.
+
+Two registered experiments:
+
+* ``backward_timing`` (chapter 2): the node-by-node backward of
+  :func:`bnlib.reference.batchnorm_backward_naive` against the closed form
+  :func:`bnlib.reference.batchnorm_backward`, in NumPy, over several batch shapes.
+  Repeats are interleaved (the two implementations alternate, in alternating order) so
+  that a slow patch of a shared machine hits both; read medians, not means.
+* ``inference_statistics`` (chapter 3): train a BN MLP in a few regimes (a long run, a
+  short run with large batches, a run with a slow Keras-style moving average), then
+  evaluate the *same weights* with the running (EMA) statistics, with "precise BN"
+  statistics recomputed on N training samples, and with the statistics of each test
+  batch. A training callback (:class:`EMATracker`) also records how far the running
+  statistics are from the statistics of the whole training set as training goes on.
+
+And the helpers the three chapters use: :func:`relative_error`,
+:func:`autograd_batchnorm_grads`, :func:`backward_without_variance_path` (a deliberately
+wrong backward for the "all-ones upstream gradient" trap), :func:`backward_peak_memory`,
+:func:`feature_distributions`, :func:`sigmoid_linear_r2`, :func:`ema` (both momentum
+conventions), :func:`statistics_error` and :func:`accuracy`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import tracemalloc
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import data as datasets
+from .. import reference
+from ..data import Dataset, Split
+from ..inference import batch_statistics, recompute_batchnorm_stats
+from ..models import mlp
+from ..nn import batchnorm_layers
+from ..train import StepInfo, resolve_device, seeded, train
+from . import Config, register
+
+__all__ = [
+    "relative_error", "autograd_batchnorm_grads", "backward_without_variance_path",
+    "backward_peak_memory", "BackwardTimingConfig", "backward_timing", "timing_speedups",
+    "plot_backward_timing",
+    "feature_distributions", "sigmoid_linear_r2", "ema",
+    "statistics_error", "accuracy", "EMATracker", "train_bn_mlp",
+    "InferenceStatsConfig", "inference_statistics", "plot_inference_statistics", "METHOD_ORDER",
+]
+
+
+# --- chapter 2: gradients ------------------------------------------------------------------
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    """``‖a − b‖ / (‖a‖ + ‖b‖)``: 0 for equal arrays, 1 for opposite ones (0 when both are 0).
+
+    A norm-wise relative error, so a few entries that are almost zero in both arrays
+    cannot blow it up (an element-wise ratio would).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("relative_error got a NaN or infinite entry")
+    den = np.linalg.norm(a) + np.linalg.norm(b)
+    return 0.0 if den == 0 else float(np.linalg.norm(a - b) / den)
+
+
+def autograd_batchnorm_grads(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, dout: np.ndarray,
+                             eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dx, dgamma, dbeta)`` of ``sum(BN(x) * dout)`` computed by torch autograd, float64.
+
+    The forward is written with plain tensor operations (mean, centring, biased variance,
+    ``rsqrt``, scale, shift), so autograd differentiates its *own* graph: an independent
+    check of the hand-derived backward passes in :mod:`bnlib.reference`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"x must be an (N, D) array, got shape {x.shape}")
+    if np.shape(dout) != x.shape:
+        raise ValueError(f"dout must have the shape of x {x.shape}, got {np.shape(dout)}")
+    xt = torch.tensor(x, requires_grad=True)
+    g = torch.tensor(np.asarray(gamma, dtype=np.float64), requires_grad=True)
+    b = torch.tensor(np.asarray(beta, dtype=np.float64), requires_grad=True)
+    mu = xt.mean(0)
+    xc = xt - mu
+    var = (xc ** 2).mean(0)
+    out = g * xc * torch.rsqrt(var + eps) + b
+    out.backward(torch.tensor(np.asarray(dout, dtype=np.float64)))
+    return xt.grad.numpy(), g.grad.numpy(), b.grad.numpy()
+
+
+def backward_without_variance_path(dout: np.ndarray, cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A deliberately WRONG batch-norm backward, for teaching: it forgets that the batch
+    variance depends on ``x`` (the ``x̂ · mean(dout · x̂)`` term of the closed form).
+
+    With an all-ones upstream gradient it returns the same ``dx`` (zero) as the correct
+    backward, so a gradient check run with ``dout = 1`` cannot tell them apart; a random
+    ``dout`` exposes it at once.
+    """
+    xhat, inv_std, gamma = cache["xhat"], cache["inv_std"], cache["gamma"]
+    dx = gamma * inv_std * (dout - dout.mean(axis=0))
+    return dx, (dout * xhat).sum(axis=0), dout.sum(axis=0)
+
+
+_BACKWARDS: dict[str, Callable] = {
+    "naive": reference.batchnorm_backward_naive,
+    "closed form": reference.batchnorm_backward,
+}
+
+
+def _problem(n: int, d: int, seed: int) -> tuple[np.ndarray, dict]:
+    """A random batch-norm problem of shape ``(n, d)``: the upstream gradient and the cache."""
+    if n < 2 or d < 1:
+        raise ValueError(f"need n ≥ 2 and d ≥ 1, got n={n}, d={d}")
+    rng = np.random.default_rng(seed)
+    x = 3.0 * rng.standard_normal((n, d)) + 5.0
+    gamma, beta = rng.standard_normal(d), rng.standard_normal(d)
+    _, cache = reference.batchnorm_forward(x, gamma, beta)
+    return rng.standard_normal((n, d)), cache
+
+
+def backward_peak_memory(n: int, d: int, impl: str, seed: int = 0) -> int:
+    """Peak bytes NumPy allocates (``tracemalloc``) during one backward call of ``impl``
+    (``"naive"`` or ``"closed form"``) on an ``(n, d)`` float64 problem."""
+    if impl not in _BACKWARDS:
+        raise ValueError(f"impl must be one of {list(_BACKWARDS)}, got {impl!r}")
+    dout, cache = _problem(n, d, seed)
+    fn = _BACKWARDS[impl]
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result = fn(dout, cache)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    del result
+    return int(peak)
+
+
+@dataclass(frozen=True)
+class BackwardTimingConfig(Config):
+    """Batch shapes ``(N, D)`` to time; ``repeats`` interleaved timings of ``number`` calls each."""
+
+    sizes: tuple[tuple[int, int], ...] = ((64, 64), (256, 256), (1024, 256), (4096, 256))
+    repeats: int = 9
+    number: int = 5
+
+    @classmethod
+    def full(cls) -> "BackwardTimingConfig":
+        return cls(sizes=((64, 64), (256, 256), (1024, 256), (4096, 256), (4096, 1024),
+                          (16384, 1024), (65536, 512)), repeats=21, number=10)
+
+
+def timing_speedups(df: pd.DataFrame) -> pd.DataFrame:
+    """Per size and repeat, ``speedup`` = naive seconds / closed-form seconds (the two
+    timings of a repeat were taken back to back, so the ratio is paired)."""
+    wide = df.pivot_table(index=["n", "d", "repeat"], columns="impl", values="seconds").reset_index()
+    if not {"naive", "closed form"} <= set(wide.columns):
+        raise ValueError("need timings of both 'naive' and 'closed form'")
+    return wide.assign(entries=wide["n"] * wide["d"], speedup=wide["naive"] / wide["closed form"])
+
+
+def plot_backward_timing(df: pd.DataFrame, axes=None):
+    """Left: median ms per call against N·D per implementation (bars: interquartile range over
+    repeats). Right: the paired speed-up naive / closed form per size (median and IQR)."""
+    import matplotlib.pyplot as plt
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    ax, ax2 = axes
+    df = df.assign(entries=df["n"] * df["d"])
+    for impl, g in df.groupby("impl", sort=False):
+        q = g.groupby("entries")["seconds"].quantile([0.25, 0.5, 0.75]).unstack()
+        ax.errorbar(q.index, q[0.5] * 1e3, yerr=[(q[0.5] - q[0.25]) * 1e3, (q[0.75] - q[0.5]) * 1e3],
+                    marker="o", capsize=3, label=impl)
+    ax.set(xscale="log", yscale="log", xlabel="entries in the batch (N·D)",
+           ylabel="ms per backward call (median)", title="NumPy batch-norm backward")
+    ax.legend()
+    sp = timing_speedups(df).groupby("entries")["speedup"].quantile([0.25, 0.5, 0.75]).unstack()
+    ax2.errorbar(sp.index, sp[0.5], yerr=[sp[0.5] - sp[0.25], sp[0.75] - sp[0.5]], marker="o",
+                 capsize=3, color="black")
+    ax2.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax2.set(xscale="log", xlabel="entries in the batch (N·D)", ylabel="naive time / closed-form time",
+            title="Speed-up of the closed form")
+    return axes
+
+
+@register("backward_timing", BackwardTimingConfig,
+          title="Batch-norm backward: naive graph walk vs closed form (NumPy)",
+          chapter="02_backward_pass", plot=plot_backward_timing)
+def backward_timing(cfg: BackwardTimingConfig) -> pd.DataFrame:
+    """Seconds per backward call of each implementation, one row per (size, impl, repeat).
+
+    Columns ``n, d, impl, repeat, seconds``; also ``max_abs_diff`` between the two
+    implementations' ``dx`` on that size (they must agree). NumPy only: ``cfg.device``
+    is ignored. Repeats alternate which implementation goes first.
+    """
+    if cfg.repeats < 1 or cfg.number < 1:
+        raise ValueError("repeats and number must be ≥ 1")
+    if not cfg.sizes:
+        raise ValueError("give at least one (N, D) size")
+    seed = cfg.seeds[0] if cfg.seeds else 0
+    rows = []
+    for n, d in cfg.sizes:
+        dout, cache = _problem(n, d, seed)
+        diff = float(np.abs(_BACKWARDS["naive"](dout, cache)[0] - _BACKWARDS["closed form"](dout, cache)[0]).max())
+        names = list(_BACKWARDS)
+        for _ in range(2):  # warm-up: first calls pay for page faults
+            for name in names:
+                _BACKWARDS[name](dout, cache)
+        for r in range(cfg.repeats):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                fn = _BACKWARDS[name]
+                t0 = time.perf_counter()
+                for _ in range(cfg.number):
+                    fn(dout, cache)
+                rows.append(dict(n=n, d=d, impl=name, repeat=r,
+                                 seconds=(time.perf_counter() - t0) / cfg.number, max_abs_diff=diff))
+    return pd.DataFrame(rows)
+
+
+# --- chapter 1: what the transform does to distributions -------------------------------------
+
+def feature_distributions(data: str = "digits", *, pixel_ranks: Sequence[int] = (0, 15, 30, 40),
+                          units: Sequence[int] = (0, 1, 2, 3), batch_size: int = 256, width: int = 32,
+                          seed: int = 0) -> pd.DataFrame:
+    """Values of a few features of one training batch, before and after batch norm.
+
+    Two sources: ``"input pixels"``, the raw (unscaled) inputs of ``data``, picked by their
+    rank in variance on this batch (``pixel_ranks``; rank 0 is the most variable pixel, so
+    small ranks are never constant); and ``"hidden pre-activations"``, units ``units`` of
+    a freshly initialised ``Linear(in, width)`` (Kaiming-normal weights, a bias drawn from
+    N(0, 1) per unit so that units also differ in mean) applied to those raw inputs.
+    Batch norm is :class:`bnlib.nn.BatchNorm1d` in training mode with γ = 1, β = 0.
+
+    Returns columns ``source, feature, stage ("before BN" | "after BN"), value``.
+    """
+    from ..nn import BatchNorm1d
+    if batch_size < 2:
+        raise ValueError("batch_size must be at least 2")
+    ds = datasets.load(data, preprocessing="raw")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.train), generator=g)[:batch_size]
+    x = ds.train.x[idx].flatten(1)
+    pixel_ranks, units = list(pixel_ranks), list(units)
+    if not pixel_ranks or min(pixel_ranks) < 0 or max(pixel_ranks) >= x.shape[1]:
+        raise ValueError(f"pixel_ranks must be in [0, {x.shape[1]}), got {pixel_ranks}")
+    if not units or min(units) < 0 or max(units) >= width:
+        raise ValueError(f"units must be in [0, {width}), got {units}")
+    order = torch.argsort(x.var(0), descending=True)[pixel_ranks]
+    torch.manual_seed(seed)
+    layer = nn.Linear(x.shape[1], width)
+    nn.init.kaiming_normal_(layer.weight)
+    nn.init.normal_(layer.bias)
+    with torch.no_grad():
+        sources = {"input pixels": (x[:, order], [f"pixel {int(i)}" for i in order]),
+                   "hidden pre-activations": (layer(x)[:, units], [f"unit {u}" for u in units])}
+    rows = []
+    for source, (h, names) in sources.items():
+        bn = BatchNorm1d(h.shape[1]).train()
+        with torch.no_grad():
+            after = bn(h)
+        for stage, values in (("before BN", h), ("after BN", after)):
+            for j, name in enumerate(names):
+                rows += [dict(source=source, feature=name, stage=stage, value=float(v))
+                         for v in values[:, j]]
+    return pd.DataFrame(rows)
+
+
+def sigmoid_linear_r2(std: float = 1.0, mean: float = 0.0, n: int = 100_000, seed: int = 0) -> float:
+    """R² of the best straight-line fit of ``sigmoid(z)`` on ``z ~ N(mean, std²)``.
+
+    Near 1: the sigmoid is used in its almost-linear middle (what normalised inputs with
+    γ = 1, β = 0 give); a learned γ, β can move the inputs into its curved part.
+    """
+    if not (std > 0 and math.isfinite(std) and math.isfinite(mean)):
+        raise ValueError(f"std must be positive and finite and mean finite, got std={std}, mean={mean}")
+    if n < 3:
+        raise ValueError("n must be at least 3")
+    z = np.random.default_rng(seed).normal(mean, std, n)
+    y = 1.0 / (1.0 + np.exp(-z))
+    return float(np.corrcoef(z, y)[0, 1] ** 2)
+
+
+# --- chapter 3: running statistics and inference --------------------------------------------
+
+def ema(values: Sequence[float] | np.ndarray, momentum: float, *, convention: str = "torch",
+        start: float = 0.0) -> np.ndarray:
+    """The running averages after each value, in PyTorch's or in Keras' momentum convention.
+
+    * ``"torch"``: ``new = (1 − momentum)·old + momentum·value`` (momentum weighs the new value;
+      default 0.1);
+    * ``"keras"``: ``new = momentum·old + (1 − momentum)·value`` (momentum weighs the old value;
+      default 0.99).
+
+    So Keras' momentum ``m`` is PyTorch's ``1 − m``. ``values`` may be scalars or arrays
+    stacked along the first axis.
+    """
+    if convention not in ("torch", "keras"):
+        raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    w_new = momentum if convention == "torch" else 1.0 - momentum
+    values = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(values)
+    running = np.full(values.shape[1:], start, dtype=np.float64)
+    for i, v in enumerate(values):
+        running = (1.0 - w_new) * running + w_new * v
+        out[i] = running
+    return out
+
+
+def statistics_error(model: nn.Module, reference_model: nn.Module) -> pd.DataFrame:
+    """How far each BN's running statistics are from those of ``reference_model`` (same
+    architecture, e.g. a copy with precise statistics), one row per BN layer (1-based):
+
+    * ``mean_error``: mean over units of ``|μ − μ_ref| / σ_ref`` (in reference std units);
+    * ``var_log_ratio``: mean over units of ``|log(σ² / σ²_ref)|`` (0.1 ≈ 10 % off).
+    """
+    a, b = batchnorm_layers(model), batchnorm_layers(reference_model)
+    if not a or len(a) != len(b):
+        raise ValueError(f"models need the same, non-zero number of BN layers (got {len(a)} and {len(b)})")
+    rows = []
+    for i, (bn, ref) in enumerate(zip(a, b), start=1):
+        if bn.running_mean is None or ref.running_mean is None:
+            raise ValueError("both models need running statistics (track_running_stats=True)")
+        sd = ref.running_var.clamp_min(1e-12).sqrt()
+        rows.append(dict(layer=i,
+                         mean_error=((bn.running_mean - ref.running_mean).abs() / sd).mean().item(),
+                         var_log_ratio=(bn.running_var.clamp_min(1e-12) / ref.running_var.clamp_min(1e-12))
+                         .log().abs().mean().item()))
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, *, statistics: str = "running", batch_size: int = 256,
+             order: str = "shuffled", seed: int = 0) -> tuple[float, float]:
+    """Test loss and accuracy of ``model`` on ``split``.
+
+    ``statistics="running"``: eval mode, each BN uses its stored statistics, so batching
+    does not matter. ``statistics="batch"``: each BN uses the statistics of the test batch
+    it is given (:func:`bnlib.inference.batch_statistics`), so the answer depends on how
+    the test set is cut into batches of ``batch_size``: ``order="shuffled"`` (a seeded
+    random order), ``"class_sorted"`` (batches of mostly one class) or ``"given"``.
+    """
+    if statistics not in ("running", "batch"):
+        raise ValueError(f"statistics must be 'running' or 'batch', got {statistics!r}")
+    if order not in ("shuffled", "class_sorted", "given"):
+        raise ValueError(f"order must be 'shuffled', 'class_sorted' or 'given', got {order!r}")
+    if batch_size < 2:
+        raise ValueError("batch_size must be at least 2")
+    x, y = split.x, split.y
+    if order == "shuffled":
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
+    elif order == "class_sorted":
+        idx = torch.argsort(y.cpu(), stable=True).to(y.device)
+    else:
+        idx = torch.arange(len(y), device=y.device)
+    x, y = x[idx], y[idx]
+    model.eval()
+    ctx = batch_statistics(model) if statistics == "batch" else contextlib.nullcontext()
+    loss, correct, seen = 0.0, 0, 0
+    with ctx:
+        for i in range(0, len(y), batch_size):
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            if statistics == "batch" and len(yb) < 2:  # a batch of one has no batch statistics: skip it
+                continue
+            out = model(xb)
+            loss += F.cross_entropy(out, yb, reduction="sum").item()
+            correct += (out.argmax(1) == yb).sum().item()
+            seen += len(yb)
+    return loss / seen, correct / seen
+
+
+def _precise(model: nn.Module, x: Tensor, samples: int | None, batch_size: int) -> nn.Module:
+    """A copy of ``model`` with precise-BN statistics from the first ``samples`` rows of ``x``."""
+    return recompute_batchnorm_stats(copy.deepcopy(model), x, batch_size=batch_size, max_samples=samples)
+
+
+class EMATracker:
+    """Training callback: every ``every`` steps, how far the running statistics are from the
+    statistics of the whole training set *for the current weights* (precise BN on ``x``).
+
+    Rows ``step, layer, mean_error, var_log_ratio`` (see :func:`statistics_error`); read
+    :meth:`frame`. The model itself is never changed (the reference is a copy).
+    """
+
+    def __init__(self, x: Tensor, *, every: int = 10, batch_size: int = 256) -> None:
+        if every < 1:
+            raise ValueError(f"every must be ≥ 1, got {every}")
+        self.x, self.every, self.batch_size = x, every, batch_size
+        self.rows: list[pd.DataFrame] = []
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step % self.every == 0:
+            was = info.model.training
+            ref = _precise(info.model, self.x, None, self.batch_size)
+            info.model.train(was)
+            self.rows.append(statistics_error(info.model, ref).assign(step=info.step))
+
+    def frame(self) -> pd.DataFrame:
+        return pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(
+            columns=["layer", "mean_error", "var_log_ratio", "step"])
+
+
+def train_bn_mlp(ds: Dataset, *, seed: int, steps: int, batch_size: int, lr: float,
+                 bn_momentum: float = 0.1, depth: int = 3, width: int = 128, device: str = "auto",
+                 callbacks: Sequence[Callable] = ()) -> tuple[nn.Module, pd.DataFrame]:
+    """A ReLU MLP with BN before every activation, trained by :func:`bnlib.train.train`
+    (plain SGD) with the BN running-average momentum ``bn_momentum`` (PyTorch convention).
+    Returns ``(model, history)``; the model is left in eval mode."""
+    if not 0.0 < bn_momentum <= 1.0:
+        raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
+    net = seeded(seed, lambda: mlp(ds.num_features, ds.num_classes, depth=depth, width=width, norm="batch"))
+    for bn in batchnorm_layers(net):
+        bn.momentum = bn_momentum
+    hist = train(net, ds, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device,
+                 eval_every=steps, eval_splits=(), callbacks=callbacks, show_progress=False)
+    return net, hist
+
+
+@dataclass(frozen=True)
+class InferenceStatsConfig(Config):
+    """Training regimes ``(label, steps, batch_size, bn_momentum, lr)`` of a BN MLP, the
+    precise-BN sample counts to try (``None`` = the whole training split), the batch size
+    precise BN averages over, the test batch size for batch-statistics inference, and how
+    many times during each run :class:`EMATracker` looks."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    data: str = "digits"
+    depth: int = 3
+    width: int = 128
+    regimes: tuple[tuple[str, int, int, float, float], ...] = (
+        ("long run", 300, 64, 0.1, 0.1),
+        ("short run, batch 512", 15, 512, 0.1, 0.5),
+        ("slow EMA (m=0.01)", 100, 64, 0.01, 0.1),
+    )
+    samples: tuple[int | None, ...] = (64, 256, 1024, None)
+    precise_batch_size: int = 256
+    test_batch_size: int = 64
+    track_points: int = 10
+
+    @classmethod
+    def full(cls) -> "InferenceStatsConfig":
+        return cls(data="mnist", width=512, seeds=(0, 1, 2, 3, 4, 5, 6, 7),
+                   regimes=(("long run", 20000, 64, 0.1, 0.1),
+                            ("short run, batch 2048", 60, 2048, 0.1, 0.5),
+                            ("slow EMA (m=0.01)", 300, 64, 0.01, 0.1)),
+                   samples=(64, 256, 1024, 4096, 16384, None), track_points=20)
+
+
+def _label(samples: int | None) -> str:
+    return "precise (all)" if samples is None else f"precise ({samples})"
+
+
+METHOD_ORDER = ("EMA", "precise (64)", "precise (256)", "precise (1024)", "precise (4096)",
+                "precise (16384)", "precise (all)", "batch stats", "batch stats, class-sorted")
+
+
+def plot_inference_statistics(df: pd.DataFrame, axes=None):
+    """Test accuracy of every evaluation method, per regime (mean ± sd over seeds). Left: the
+    running statistics, precise BN and shuffled batch statistics (a zoomed scale); right: batch
+    statistics on shuffled vs class-sorted test batches (its own scale)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True,
+                               gridspec_kw={"width_ratios": [2, 1]})
+    acc = df[df["metric"] == "test_accuracy"]
+    present = set(acc["method"])
+    order = [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    left = [m for m in order if m != "batch stats, class-sorted"]
+    right = [m for m in ("batch stats", "batch stats, class-sorted") if m in present]
+    for ax, methods, title in [(axes[0], left, "Same weights, different inference statistics"),
+                               (axes[1], right, "Batch statistics: shuffled vs class-sorted")]:
+        sns.pointplot(data=acc[acc["method"].isin(methods)], x="value", y="method", hue="regime",
+                      order=methods, errorbar=("sd", 1), dodge=0.45, linestyle="none", ax=ax,
+                      legend=ax is axes[1])
+        ax.set(xlabel="test accuracy (mean ± sd over seeds)", ylabel="", title=title)
+    if axes[1].get_legend() is not None:
+        sns.move_legend(axes[1], "center right")
+    return axes
+
+
+@register("inference_statistics", InferenceStatsConfig,
+          title="Inference statistics: running averages vs precise BN vs batch statistics",
+          chapter="03_train_vs_inference", plot=plot_inference_statistics)
+def inference_statistics(cfg: InferenceStatsConfig) -> pd.DataFrame:
+    """Train a BN MLP per regime and seed, then evaluate the same weights several ways.
+
+    Tidy long format, columns ``regime, seed, step, method, samples, layer, metric, value``:
+
+    * ``metric="test_accuracy"``/``"test_loss"`` (``layer=0``) for ``method`` in
+      ``"EMA"`` (the running statistics), ``"precise (N)"``/``"precise (all)"``
+      (statistics recomputed on N shuffled training samples; ``samples`` holds N), ``"batch
+      stats"`` (each shuffled test batch of ``cfg.test_batch_size`` normalises itself) and
+      ``"batch stats, class-sorted"`` (the same with batches cut from a class-sorted test set);
+    * ``metric="mean_error"``/``"var_log_ratio"`` per BN ``layer`` (1-based), measured against
+      precise statistics on the whole training split: for ``"EMA"`` at every tracked step
+      during training and at the end, and for every ``"precise (N)"`` at the end.
+    """
+    if not cfg.regimes:
+        raise ValueError("give at least one training regime")
+    if any(s is not None and s < 2 for s in cfg.samples):
+        raise ValueError(f"precise-BN sample counts must be ≥ 2 (or None for all), got {cfg.samples}")
+    device = resolve_device(cfg.device)
+    ds = datasets.load(cfg.data, device=device)
+    n_train = len(ds.train)
+    rows: list[dict] = []
+    for seed in cfg.seeds:
+        # the training data in a seeded random order: some splits are sorted by class, and
+        # precise BN takes the first N rows
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).to(device)
+        x_shuffled = ds.train.x[perm]
+        for label, steps, batch_size, bn_momentum, lr in cfg.regimes:
+            tracker = EMATracker(x_shuffled, every=max(steps // max(cfg.track_points, 1), 1),
+                                 batch_size=cfg.precise_batch_size)
+            net, _ = train_bn_mlp(ds, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
+                                  bn_momentum=bn_momentum, depth=cfg.depth, width=cfg.width,
+                                  device=str(device), callbacks=[tracker])
+            base = dict(regime=label, seed=seed)
+
+            def add(method, samples, step, layer, metric, value):
+                rows.append(dict(base, step=step, method=method, samples=samples, layer=layer,
+                                 metric=metric, value=float(value)))
+
+            tracked = tracker.frame()
+            for _, r in tracked.iterrows():
+                add("EMA", math.nan, int(r["step"]), int(r["layer"]), "mean_error", r["mean_error"])
+                add("EMA", math.nan, int(r["step"]), int(r["layer"]), "var_log_ratio", r["var_log_ratio"])
+            full = _precise(net, x_shuffled, None, cfg.precise_batch_size)
+            models = {"EMA": (net, math.nan)}
+            for s in cfg.samples:
+                models[_label(s)] = (full if s is None else _precise(net, x_shuffled, s, cfg.precise_batch_size),
+                                     n_train if s is None else min(s, n_train))
+            for method, (model, samples) in models.items():
+                loss, acc = accuracy(model, ds.test, statistics="running")
+                add(method, samples, steps, 0, "test_accuracy", acc)
+                add(method, samples, steps, 0, "test_loss", loss)
+                if method != "EMA" or not (tracked["step"] == steps).any():
+                    for _, r in statistics_error(model, full).iterrows():
+                        add(method, samples, steps, int(r["layer"]), "mean_error", r["mean_error"])
+                        add(method, samples, steps, int(r["layer"]), "var_log_ratio", r["var_log_ratio"])
+            for method, order in (("batch stats", "shuffled"), ("batch stats, class-sorted", "class_sorted")):
+                loss, acc = accuracy(net, ds.test, statistics="batch", batch_size=cfg.test_batch_size,
+                                     order=order, seed=seed)
+                add(method, math.nan, steps, 0, "test_accuracy", acc)
+                add(method, math.nan, steps, 0, "test_loss", loss)
+    return pd.DataFrame(rows)
