@@ -32,21 +32,30 @@ def new_axes(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float =
                         constrained_layout=True, squeeze=False, **kw)
 
 
-def _palette(values: Sequence) -> dict | None:
+def _palette(values: Sequence) -> dict:
+    """Fixed colours for the usual arm names (plain grey, BN blue), the colour-blind
+    palette in order of appearance for the rest: an arm keeps its colour across figures."""
     values = list(dict.fromkeys(values))
-    if all(v in ARM_COLORS for v in values):
-        return {v: ARM_COLORS[v] for v in values}
-    return None
+    free = [c for c in sns.color_palette("colorblind", 10)[1:]]
+    out, k = {}, 0
+    for v in values:
+        if v in ARM_COLORS:
+            out[v] = ARM_COLORS[v]
+        else:
+            out[v] = free[k % len(free)]
+            k += 1
+    return out
 
 
 def learning_curves(df: pd.DataFrame, *, x: str = "step", y: str = "accuracy",
                     hue: str = "arm", split: str | None = "val", errorbar=("sd", 1),
-                    ax=None, logy: bool = False, title: str | None = None):
+                    ax=None, logy: bool = False, title: str | None = None,
+                    palette: dict | None = None):
     """Mean curve per ``hue`` with a band of ± one standard deviation over seeds."""
     ax = ax or plt.gca()
     data = df if split is None else df[df["split"] == split]
     sns.lineplot(data=data, x=x, y=y, hue=hue, errorbar=errorbar, ax=ax,
-                 palette=_palette(data[hue]) if hue else None)
+                 palette=(palette or _palette(data[hue])) if hue else None)
     if logy:
         ax.set_yscale("log")
     ax.set_title(title or "")
@@ -54,7 +63,8 @@ def learning_curves(df: pd.DataFrame, *, x: str = "step", y: str = "accuracy",
 
 
 def sweep(df: pd.DataFrame, *, x: str, y: str, hue: str = "arm", logx: bool = True,
-          diverged: str | None = "diverged", errorbar=("sd", 1), ax=None, title: str | None = None):
+          diverged: str | None = "diverged", errorbar=("sd", 1), ax=None, title: str | None = None,
+          palette: dict | None = None):
     """A metric against a swept value, one line per ``hue``, mean ± sd over seeds.
 
     Where runs diverged (column ``diverged`` true), a red × marks the swept value, so a
@@ -63,7 +73,7 @@ def sweep(df: pd.DataFrame, *, x: str, y: str, hue: str = "arm", logx: bool = Tr
     ax = ax or plt.gca()
     ok = df[~df[diverged]] if diverged in df else df
     sns.lineplot(data=ok, x=x, y=y, hue=hue, marker="o", errorbar=errorbar, ax=ax,
-                 palette=_palette(df[hue]) if hue else None)
+                 palette=(palette or _palette(df[hue])) if hue else None)
     if diverged in df and df[diverged].any():
         bad = df[df[diverged]].drop_duplicates([x, hue] if hue else [x])
         ax.scatter(bad[x], np.full(len(bad), ax.get_ylim()[0]), marker="x", color="red",
@@ -82,7 +92,7 @@ def percentile_bands(df: pd.DataFrame, *, x: str = "step", hue: str = "arm",
     (the BN paper's Figure 1(b, c) view of one unit's input distribution over training)."""
     ax = ax or plt.gca()
     groups = list(dict.fromkeys(df[hue])) if hue else [None]
-    colors = _palette(groups) or dict(zip(groups, sns.color_palette(n_colors=len(groups))))
+    colors = _palette(groups)
     for g in groups:
         d = df if g is None else df[df[hue] == g]
         d = d.groupby(x)[[lo, mid, hi]].mean().reset_index()

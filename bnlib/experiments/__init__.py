@@ -155,9 +155,25 @@ def checkpointing(folder: str | Path | None):
         _CHECKPOINT.reset(token)
 
 
-def _cell_path(folder: Path, fn: Callable, arm: str, point: Mapping, seed: int) -> Path:
-    key = json.dumps({"fn": f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}", "arm": arm,
-                      "point": point, "seed": seed}, sort_keys=True, default=str)
+def _stable(value: Any) -> Any:
+    """A JSON-able stand-in for a sweep argument that is the same in every process
+    (callables by qualified name; other objects by their repr, never by address)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, Mapping):
+        return {str(k): _stable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def _cell_path(folder: Path, fn: Callable, arm: str, arm_kwargs: Mapping, point: Mapping,
+               common: Mapping, seed: int) -> Path:
+    key = json.dumps({"fn": _stable(fn), "arm": arm, "arm_kwargs": _stable(arm_kwargs),
+                      "point": _stable(point), "common": _stable(common), "seed": seed},
+                     sort_keys=True)
     return folder / f"cell-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
 
 
@@ -183,7 +199,8 @@ def sweep(fn: Callable[..., pd.DataFrame], *, seeds: Sequence[int],
     cells = [(seed, arm, point) for seed in seeds for arm in arms for point in points]
     frames = []
     for seed, arm, point in progress.bar(cells, total=len(cells), desc=desc):
-        path = _cell_path(folder, fn, arm, point, seed) if folder is not None else None
+        path = (_cell_path(folder, fn, arm, arms[arm], point, common, seed)
+                if folder is not None else None)
         if path is not None and path.exists():
             df = pd.read_pickle(path)
         else:
