@@ -1,0 +1,385 @@
+"""Chapter 9: what BN does to gradients, during training and at initialisation.
+
+* ``landscape`` — Santurkar et al.'s (2018) loss-landscape probes, taken by a training
+  callback (:class:`LandscapeProbe`) every ``probe_every`` steps of
+  :func:`bnlib.train.train`: from the current parameters θ with gradient g (on the step's
+  batch), move to θ′ = θ − c·lr·g for multipliers c ∈ [0.5, 4] and record the range of
+  the loss along that line, the *gradient predictiveness* max‖∇L(θ′) − g‖ and the
+  *effective β-smoothness* max‖∇L(θ′) − g‖/‖θ′ − θ‖. A second callback
+  (:class:`GradNormTracker`) records the gradient norm at every step, for the article's
+  "less gradient fluctuation" (:func:`gradient_fluctuation`).
+
+* ``grad_explosion`` — gradients at initialisation in a deep MLP with BN before every
+  ReLU: per-layer ‖∂L/∂W_l‖ (:func:`bnlib.probes.gradient_norms`) and the geometric
+  rate at which they grow towards the input (:func:`growth_rates`), against the
+  mean-field prediction √(π/(π−1)) ≈ 1.21 per layer of Yang et al. (2019).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .. import data as datasets
+from ..models import mlp
+from ..probes import frozen_batchnorm_buffers, gradient_norms
+from ..train import StepInfo, resolve_device, seeded, train
+from . import Config, register, sweep
+
+__all__ = ["landscape_probe", "LandscapeProbe", "GradNormTracker", "gradient_fluctuation",
+           "LandscapeConfig", "landscape", "ExplosionConfig", "grad_explosion", "growth_rates",
+           "RELU_BN_RATE", "at_matched_loss", "plot_landscape", "plot_gradient_norms",
+           "plot_explosion", "PALETTE"]
+
+#: One colour per arm (plain and BN as in bnlib.plots).
+PALETTE = {"plain": "#7f7f7f", "BN": "#1f77b4", "BN + residual": "#2ca02c", "residual": "#d62728"}
+
+#: Yang et al. (2019): with BN before ReLU, ‖∂L/∂W‖ grows by √(π/(π−1)) per layer towards
+#: the input (the squared norm by π/(π−1)), in the limit of wide layers and large batches.
+RELU_BN_RATE = math.sqrt(math.pi / (math.pi - 1))
+
+
+# --- landscape probes ----------------------------------------------------------------------
+
+def landscape_probe(model: nn.Module, x: Tensor, y: Tensor, *, lr: float,
+                    multipliers: Sequence[float] = tuple(np.linspace(0.5, 4, 8)),
+                    loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> dict:
+    """Santurkar et al.'s three probes of the landscape along the gradient, at the model's
+    current parameters θ and on the batch ``(x, y)``.
+
+    With g = ∇L(θ) and θ′_c = θ − c·lr·g for each multiplier c:
+
+    * ``loss_range``: max_c L(θ′_c) − min_c L(θ′_c);
+    * ``grad_pred``: max_c ‖∇L(θ′_c) − g‖ (gradient predictiveness: small = the gradient
+      stays a good guide along the step); ``grad_pred_rel`` divides it by ‖g‖;
+    * ``beta_eff``: max_c ‖∇L(θ′_c) − g‖ / ‖θ′_c − θ‖ (effective β-smoothness).
+
+    Also returned: ``loss`` = L(θ) and ``grad_norm`` = ‖g‖. All gradients are over every
+    parameter (BN's γ and β included). The model runs in training mode on the same batch;
+    it is never mutated (``functional_call`` on a parameter dict) and BN running
+    statistics are restored afterwards.
+    """
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    mults = [float(c) for c in multipliers]
+    if not mults or any(not (c > 0 and math.isfinite(c)) for c in mults):
+        raise ValueError(f"multipliers must be positive finite numbers, got {multipliers}")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    names = list(params)
+    was = model.training
+    model.train()
+
+    def loss_and_grad(p: dict[str, Tensor]) -> tuple[float, Tensor]:
+        leaves = {n: t.clone().requires_grad_(True) for n, t in p.items()}
+        value = loss(functional_call(model, leaves, (x,)), y)
+        grads = torch.autograd.grad(value, [leaves[n] for n in names])
+        return value.item(), torch.cat([g.flatten() for g in grads])
+
+    try:
+        with frozen_batchnorm_buffers(model):
+            base, g = loss_and_grad(params)
+            g_norm = g.norm().item()
+            offsets = dict(zip(names, torch.split(g, [params[n].numel() for n in names])))
+            losses, dg = [], []
+            for c in mults:
+                moved = {n: p - c * lr * offsets[n].view_as(p) for n, p in params.items()}
+                value, g2 = loss_and_grad(moved)
+                losses.append(value)
+                dg.append((g2 - g).norm().item())
+    finally:
+        model.train(was)
+    dist = [c * lr * g_norm for c in mults]
+    finite = all(math.isfinite(v) for v in losses + dg)
+    return {"loss": base, "grad_norm": g_norm,
+            "loss_range": max(losses) - min(losses) if finite else math.inf,
+            "grad_pred": max(dg) if finite else math.inf,
+            "grad_pred_rel": max(dg) / g_norm if finite and g_norm > 0 else math.inf,
+            "beta_eff": max(d / s for d, s in zip(dg, dist)) if finite and g_norm > 0 else math.inf}
+
+
+class LandscapeProbe:
+    """Training callback: :func:`landscape_probe` every ``every`` steps (and after step 1),
+    at the freshly updated parameters, on the batch the step just used."""
+
+    def __init__(self, lr: float, *, every: int = 25,
+                 multipliers: Sequence[float] = tuple(np.linspace(0.5, 4, 8)),
+                 loss: Callable = F.cross_entropy) -> None:
+        if every < 1:
+            raise ValueError(f"every must be ≥ 1, got {every}")
+        self.lr, self.every, self.multipliers, self.loss = lr, every, tuple(multipliers), loss
+        self.rows: list[dict] = []
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.step % self.every and info.step != 1:
+            return
+        r = landscape_probe(info.model, info.x, info.y, lr=self.lr,
+                            multipliers=self.multipliers, loss=self.loss)
+        self.rows.append({"step": info.step, **r})
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+class GradNormTracker:
+    """Training callback: the total gradient norm ‖g_t‖ of every step (read from the
+    parameters' ``.grad``, which still holds the step's gradient when callbacks run)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    @torch.no_grad()
+    def __call__(self, info: StepInfo) -> None:
+        grads = [p.grad for p in info.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        self.rows.append({"step": info.step, "grad_norm": norm.item(), "loss": info.loss.item()})
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows)
+
+
+def gradient_fluctuation(df: pd.DataFrame, *, start: int = 1, end: int | None = None) -> pd.DataFrame:
+    """Step-to-step variability of the gradient norm, per run (``arm``, ``seed``).
+
+    From ``record == "gradnorm"`` rows with ``start ≤ step ≤ end``: ``jump`` is the median
+    over steps of |log ‖g_{t+1}‖ − log ‖g_t‖| (scale-free: a jump of 0.1 is a 10 % change,
+    whatever the norm's size, and slow drifts over training barely count), ``cv`` is the
+    coefficient of variation std/mean of ‖g_t‖ over the window, and ``mean_norm`` its mean.
+    """
+    g = df[df["record"] == "gradnorm"] if "record" in df else df
+    g = g[(g["step"] >= start) & (g["step"] <= (end if end is not None else g["step"].max()))]
+    if g.empty:
+        raise ValueError(f"no gradient-norm rows between steps {start} and {end}")
+    keys = [k for k in ("arm", "lr", "seed") if k in g]
+
+    def one(run: pd.DataFrame) -> pd.Series:
+        v = run.sort_values("step")["grad_norm"].to_numpy()
+        logs = np.log(v[v > 0])
+        return pd.Series({"jump": float(np.median(np.abs(np.diff(logs)))) if len(logs) > 1 else math.nan,
+                          "cv": float(v.std() / v.mean()), "mean_norm": float(v.mean())})
+
+    return g.groupby(keys, sort=False)[["step", "grad_norm"]].apply(one).reset_index()
+
+
+def at_matched_loss(df: pd.DataFrame, lo: float, hi: float,
+                    metrics: Sequence[str] = ("loss_range", "grad_pred", "grad_pred_rel", "beta_eff"),
+                    ) -> pd.DataFrame:
+    """Compare arms *at the same training loss*: per (arm, seed), the median of each metric
+    over the landscape probes (``record == "probe"``, step 1 excluded) whose loss lies in
+    ``[lo, hi]``, with ``n`` the number of such probes. A run with none gets NaN."""
+    if not 0 <= lo < hi:
+        raise ValueError(f"need 0 ≤ lo < hi, got lo={lo}, hi={hi}")
+    p = df[(df["record"] == "probe") & (df["step"] > 1)]
+    runs = p[["arm", "seed"]].drop_duplicates()
+    band = p[(p["loss"] >= lo) & (p["loss"] <= hi)]
+    med = band.groupby(["arm", "seed"], sort=False)[list(metrics)].median()
+    med["n"] = band.groupby(["arm", "seed"], sort=False).size()
+    return runs.merge(med.reset_index(), on=["arm", "seed"], how="left").fillna({"n": 0})
+
+
+def plot_landscape(df: pd.DataFrame, metric: str, *, x: str = "step", ax=None, title: str | None = None):
+    """One landscape metric of the probes against ``x`` (``"step"``: mean over seeds with
+    the min–max range as a band, which stays positive on the log scale; ``"loss"``: every
+    probe as a point, to compare arms at equal training loss); log y."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    ax = ax or plt.gca()
+    p = df[df["record"] == "probe"]
+    pal = {a: PALETTE[a] for a in p["arm"].unique()}
+    if x == "step":
+        sns.lineplot(data=p, x="step", y=metric, hue="arm", errorbar=("pi", 100), ax=ax, palette=pal,
+                     marker="o")
+    else:
+        sns.scatterplot(data=p[p["step"] > 1], x=x, y=metric, hue="arm", ax=ax, palette=pal)
+        ax.set_xscale("log")
+        ax.invert_xaxis()
+        ax.set_xlabel("training loss at the probe (falls to the right)")
+    ax.set_yscale("log")
+    ax.set_title(title if title is not None else metric)
+    return ax
+
+
+def plot_gradient_norms(df: pd.DataFrame, ax=None):
+    """‖g_t‖ at every step (``record == "gradnorm"``): mean over seeds with the min–max
+    range as a band, log y."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    ax = ax or plt.gca()
+    g = df[df["record"] == "gradnorm"]
+    sns.lineplot(data=g, x="step", y="grad_norm", hue="arm", errorbar=("pi", 100), ax=ax,
+                 palette={a: PALETTE[a] for a in g["arm"].unique()}, lw=1)
+    ax.set_yscale("log")
+    ax.set_ylabel("‖g_t‖ (all parameters)")
+    return ax
+
+
+@dataclass(frozen=True)
+class LandscapeConfig(Config):
+    """Quick preset: an 8 × 128 ReLU MLP (Kaiming init) on digits, plain vs BN at the same
+    SGD learning rate (no momentum, so "the step" is well defined), batch 128."""
+
+    data: str = "digits"
+    depth: int = 8
+    width: int = 128
+    activation: str = "relu"
+    lr: float = 0.05
+    batch_size: int = 128
+    steps: int = 200
+    eval_every: int = 50
+    probe_every: int = 25
+    multipliers: tuple[float, ...] = tuple(float(c) for c in np.linspace(0.5, 4, 8))
+
+    @classmethod
+    def full(cls) -> "LandscapeConfig":
+        return cls(data="fashion_mnist", width=512, steps=5000, eval_every=250, probe_every=100,
+                   seeds=(0, 1, 2, 3, 4))
+
+
+def _landscape_run(*, seed: int, cfg: LandscapeConfig, norm: str) -> pd.DataFrame:
+    ds = datasets.load(cfg.data)
+    net = seeded(seed, lambda: mlp(ds.num_features, ds.num_classes, depth=cfg.depth,
+                                   width=cfg.width, activation=cfg.activation, norm=norm))
+    probe = LandscapeProbe(cfg.lr, every=cfg.probe_every, multipliers=cfg.multipliers)
+    norms = GradNormTracker()
+    hist = train(net, ds, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
+                 device=resolve_device(cfg.device), eval_every=cfg.eval_every,
+                 eval_splits=("val",), callbacks=[probe, norms])
+    diverged = bool(hist["diverged"].any())
+    return pd.concat([hist.assign(record="history"),
+                      probe.frame().assign(record="probe", diverged=diverged),
+                      norms.frame().assign(record="gradnorm", diverged=diverged)],
+                     ignore_index=True)
+
+
+def _plot_landscape(df: pd.DataFrame):
+    from .. import plots
+    fig, axes = plots.new_axes(3, width=4.5)
+    for ax, (col, name) in zip(axes[0], [("loss_range", "loss range"),
+                                        ("grad_pred", "gradient predictiveness"),
+                                        ("beta_eff", "effective β-smoothness")]):
+        plot_landscape(df, col, ax=ax, title=name)
+    return fig
+
+
+@register("landscape", LandscapeConfig, title="Loss-landscape smoothness along the gradient (Santurkar)",
+          chapter="09_gradients", plot=_plot_landscape)
+def landscape(cfg: LandscapeConfig) -> pd.DataFrame:
+    """Plain vs BN at the same learning rate, paired seeds.
+
+    One tidy frame, ``record`` says which kind of row: ``"history"`` (the training history
+    of :func:`bnlib.train.train`), ``"probe"`` (:func:`landscape_probe` every
+    ``probe_every`` steps: ``step, loss, grad_norm, loss_range, grad_pred, grad_pred_rel,
+    beta_eff``) and ``"gradnorm"`` (``step, grad_norm, loss`` at every step).
+    """
+    arms = {"plain": {"norm": "none"}, "BN": {"norm": "batch"}}
+    return sweep(_landscape_run, seeds=cfg.seeds, arms=arms, common={"cfg": cfg}, desc="landscape")
+
+
+# --- gradients at initialisation ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExplosionConfig(Config):
+    """Quick preset: 50-layer width-256 MLPs at initialisation (Kaiming), one batch of 128
+    Gaussian inputs with random labels; plain, BN before the activation, BN + residual."""
+
+    depths: tuple[int, ...] = (50,)
+    widths: tuple[int, ...] = (256,)
+    batch_sizes: tuple[int, ...] = (128,)
+    activations: tuple[str, ...] = ("relu", "tanh")
+    num_classes: int = 10
+    arms: tuple[str, ...] = ("plain", "BN", "BN + residual")
+
+    @classmethod
+    def full(cls) -> "ExplosionConfig":
+        return cls(depths=(10, 25, 50, 100), widths=(128, 1024), batch_sizes=(8, 32, 128, 512),
+                   seeds=(0, 1, 2, 3, 4))
+
+
+_EXPLOSION_ARMS = {"plain": {"norm": "none", "residual": False},
+                   "BN": {"norm": "batch", "residual": False},
+                   "BN + residual": {"norm": "batch", "residual": True},
+                   "residual": {"norm": "none", "residual": True}}
+
+
+def _explosion_run(*, seed: int, cfg: ExplosionConfig, norm: str, residual: bool, depth: int,
+                   width: int, batch_size: int, activation: str) -> pd.DataFrame:
+    dev = resolve_device(cfg.device)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch_size, width, generator=gen).to(dev)
+    y = torch.randint(0, cfg.num_classes, (batch_size,), generator=gen).to(dev)
+    net = seeded(seed, lambda: mlp(width, cfg.num_classes, depth=depth, width=width,
+                                   activation=activation, norm=norm, residual=residual)).to(dev)
+    norms = gradient_norms(net, x, y)
+    return pd.DataFrame({"layer": np.arange(len(norms)), "grad_norm": norms})
+
+
+def growth_rates(df: pd.DataFrame, *, first: int | None = None, last: int | None = None) -> pd.DataFrame:
+    """Per network: the geometric factor by which ‖∂L/∂W_l‖ grows per layer towards the
+    input, exp(−slope) of a least-squares line through log‖∂L/∂W_l‖ over layers
+    ``first ≤ l ≤ last``. By default a tenth of the depth is left out at each end
+    (layers 5–45 of a 50-layer net). Also ``ratio``: ‖∂L/∂W‖ of the first layer over that
+    of the last hidden layer."""
+    keys = [k for k in ("arm", "activation", "depth", "width", "batch_size", "seed") if k in df]
+
+    def one(run: pd.DataFrame) -> pd.Series:
+        run = run.sort_values("layer")
+        depth = int(run["layer"].max())  # the head's index = number of hidden layers
+        margin = max(1, depth // 10)
+        lo = first if first is not None else margin
+        hi = last if last is not None else depth - margin
+        mid = run[(run["layer"] >= lo) & (run["layer"] <= hi)]
+        if len(mid) < 2:
+            raise ValueError(f"need at least 2 layers between {lo} and {hi} to fit a rate")
+        slope = np.polyfit(mid["layer"], np.log(mid["grad_norm"]), 1)[0]
+        g = run.set_index("layer")["grad_norm"]
+        return pd.Series({"rate": float(np.exp(-slope)), "ratio": float(g.iloc[0] / g.loc[depth - 1])})
+
+    return df.groupby(keys, sort=False)[["layer", "grad_norm"]].apply(one).reset_index()
+
+
+def plot_explosion(df: pd.DataFrame, activation: str, ax=None):
+    """Per-layer ‖∂L/∂W_l‖ at initialisation for one activation (mean over seeds, band =
+    min–max range), input layer on the left, log y."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    ax = ax or plt.gca()
+    d = df[df["activation"] == activation]
+    sns.lineplot(data=d, x="layer", y="grad_norm", hue="arm", errorbar=("pi", 100), ax=ax,
+                 palette={a: PALETTE[a] for a in d["arm"].unique()})
+    ax.set_yscale("log")
+    ax.set_ylabel("‖∂L/∂W_l‖")
+    ax.set_xlabel("layer l (0 = input side)")
+    ax.set_title(f"{activation}, at initialisation")
+    return ax
+
+
+def _plot_explosion(df: pd.DataFrame):
+    from .. import plots
+    acts = list(dict.fromkeys(df["activation"]))
+    fig, axes = plots.new_axes(len(acts), width=5)
+    for ax, act in zip(axes[0], acts):
+        plot_explosion(df, act, ax=ax)
+    return fig
+
+
+@register("grad_explosion", ExplosionConfig, title="Gradients at initialisation in deep BN networks (Yang 2019)",
+          chapter="09_gradients", plot=_plot_explosion)
+def grad_explosion(cfg: ExplosionConfig) -> pd.DataFrame:
+    """Per-layer ‖∂L/∂W_l‖ at initialisation (input layer = 0, the head last).
+
+    Rows: ``arm, activation, depth, width, batch_size, seed, layer, grad_norm``; the seed
+    fixes the network's initialisation and the Gaussian batch with its random labels.
+    """
+    unknown = set(cfg.arms) - set(_EXPLOSION_ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; choose from {list(_EXPLOSION_ARMS)}")
+    return sweep(_explosion_run, seeds=cfg.seeds, arms={a: _EXPLOSION_ARMS[a] for a in cfg.arms},
+                 grid={"activation": cfg.activations, "depth": cfg.depths, "width": cfg.widths,
+                       "batch_size": cfg.batch_sizes},
+                 common={"cfg": cfg}, desc="grad_explosion")

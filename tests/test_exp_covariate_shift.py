@@ -1,0 +1,142 @@
+"""Mechanics of chapter 6's experiments (bnlib.experiments.covariate_shift), on tiny configs."""
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlib.experiments import covariate_shift as cs
+from bnlib.models import mlp
+from bnlib.nn import BatchNorm1d
+
+
+def test_shift_noise_is_identity_in_eval_mode_and_fresh_in_train_mode():
+    noise = cs.ShiftNoise()
+    x = torch.randn(32, 5)
+    assert torch.equal(noise.eval()(x), x)
+    noise.train()
+    a, b = noise(x), noise(x)
+    assert not torch.allclose(a, x) and not torch.allclose(a, b)  # new noise at every call
+
+
+def test_shift_noise_follows_santurkar_ranges():
+    torch.manual_seed(0)
+    noise = cs.ShiftNoise(n_mu=0.5, n_sigma=1.25, r_mu=0.1, r_sigma=0.0).train()
+    zeros = noise(torch.zeros(4000, 3))          # output = m: within μ ± r_mu, |μ| ≤ n_mu
+    assert zeros.abs().max() <= 0.6 + 1e-6
+    assert (zeros.max(0).values - zeros.min(0).values <= 0.2 + 1e-6).all()  # one μ per unit
+    ones = noise(torch.ones(4000, 3))            # s + m with s = σ ∈ [1, 1.25] (r_sigma = 0)
+    assert ones.min() >= 1 - 0.6 - 1e-6 and ones.max() <= 1.25 + 0.6 + 1e-6
+    images = cs.ShiftNoise().train()(torch.zeros(2, 3, 4, 4))
+    assert images.shape == (2, 3, 4, 4)
+
+
+def test_shift_noise_rejects_bad_settings():
+    with pytest.raises(ValueError, match="n_sigma"):
+        cs.ShiftNoise(n_sigma=0.5)
+    with pytest.raises(ValueError, match="≥ 0"):
+        cs.ShiftNoise(n_mu=-1)
+    with pytest.raises(ValueError, match="inputs"):
+        cs.ShiftNoise().train()(torch.zeros(2, 3, 4))
+
+
+def test_add_shift_noise_wraps_every_norm():
+    net = cs.add_shift_noise(mlp(6, 3, depth=2, width=8, norm="batch"))
+    for block in net.blocks:
+        assert isinstance(block.norm, nn.Sequential)
+        assert isinstance(block.norm[0], BatchNorm1d) and isinstance(block.norm[1], cs.ShiftNoise)
+    assert net(torch.randn(5, 6)).shape == (5, 3)
+    with pytest.raises(TypeError):
+        cs.add_shift_noise(nn.Linear(2, 2))
+
+
+def test_shift_probe_records_moments_and_bn_guarantee():
+    torch.manual_seed(0)
+    net = mlp(6, 3, depth=2, width=8, norm="batch")
+    block = net.blocks[-1]
+    probe = cs.ShiftProbe(block, torch.randn(40, 6), every=1, bn=block.norm)
+    before = block.norm.running_mean.clone()
+    probe.record(0, net)
+    with torch.no_grad():
+        block.layer.weight.mul_(2.0)
+    probe.record(1, net)
+    rows = probe.frame()
+    assert list(rows["step"]) == [0, 1] and pd.isna(rows["d_mean"].iloc[0])
+    assert rows["bn_mean_err"].max() < 1e-5 and rows["bn_var_err"].max() < 1e-2
+    assert torch.equal(block.norm.running_mean, before)  # probes never move running stats
+    with pytest.raises(ValueError):
+        cs.ShiftProbe(block, torch.randn(4, 6), every=0)
+
+
+def test_noisy_bn_tiny_run_and_summaries():
+    cfg = dataclasses.replace(cs.NoisyBNConfig(), width=16, steps=6, eval_every=3, probe_every=2,
+                              seeds=(0,), arms=("BN", "noisy BN"), probe_size=32)
+    df = cs.noisy_bn(cfg)
+    assert set(df["record"]) == {"history", "probe"} and set(df["arm"]) == {"BN", "noisy BN"}
+    runs = cs.run_summary(df, early_step=3)
+    assert len(runs) == 2 and runs["test_acc"].between(0, 1).all()
+    table = cs.mean_sd_table(runs, "arm", ["test_acc"])
+    assert list(table.index) == ["BN", "noisy BN"]
+    with pytest.raises(ValueError, match="unknown arms"):
+        cs.noisy_bn(dataclasses.replace(cfg, arms=("batch",)))
+    with pytest.raises(ValueError, match="not in the frame"):
+        cs.mean_sd_table(runs, "arm", ["nope"])
+
+
+def test_layer_groups_put_each_weight_first():
+    groups = cs.layer_groups(mlp(4, 2, depth=2, width=3, norm="batch"))
+    assert groups[0][0] == "blocks.0.layer.weight" and "blocks.0.norm.weight" in groups[0]
+    assert groups[-1][0] == "head.weight" and len(groups) == 3
+
+
+def test_ics_measure_matches_a_hand_computation():
+    torch.manual_seed(0)
+    net = mlp(4, 2, depth=1, width=3, activation="identity")  # layer 0, then the head (layer 1)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    params = dict(net.named_parameters())
+    lr = 0.3
+    (row,) = cs.ics_measure(net, params, x, y, loss=F.cross_entropy, lr=lr, layers=[1])
+    # by hand: G at θ; G′ after the first layer's weight and bias took their SGD step
+    loss = F.cross_entropy(net(x), y)
+    g = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    w0 = net.blocks[0].layer.weight - lr * g["blocks.0.layer.weight"]
+    b0 = net.blocks[0].layer.bias - lr * g["blocks.0.layer.bias"]
+    head_w = net.head.weight.detach().clone().requires_grad_(True)
+    out = F.linear(F.linear(x, w0.detach(), b0.detach()), head_w, net.head.bias.detach())
+    (g2,) = torch.autograd.grad(F.cross_entropy(out, y), [head_w])
+    g1 = g["head.weight"]
+    assert row["cosine"] == pytest.approx(F.cosine_similarity(g1.flatten(), g2.flatten(), 0).item(), abs=1e-6)
+    assert row["rel_diff"] == pytest.approx(((g1 - g2).norm() / g1.norm()).item(), rel=1e-5)
+
+
+def test_ics_measure_is_tiny_for_a_tiny_step_and_checks_inputs():
+    torch.manual_seed(0)
+    net = mlp(4, 2, depth=3, width=5, norm="batch")
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    rows = cs.ics_measure(net, dict(net.named_parameters()), x, y, loss=F.cross_entropy,
+                          lr=1e-7, layers=[1, 3])
+    assert [r["layer"] for r in rows] == [1, 3]
+    assert all(r["cosine"] > 0.9999 and r["rel_diff"] < 1e-4 for r in rows)
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())  # not mutated
+    with pytest.raises(ValueError, match="layers"):
+        cs.ics_measure(net, dict(net.named_parameters()), x, y, loss=F.cross_entropy, lr=0.1, layers=[0])
+    with pytest.raises(ValueError, match="lr"):
+        cs.ics_measure(net, dict(net.named_parameters()), x, y, loss=F.cross_entropy, lr=-1, layers=[1])
+
+
+def test_ics_gradient_tiny_run():
+    cfg = cs.ICSConfig(dln_layers=4, dln_samples=64, dln_steps=3, dln_measure_at=(0, 3),
+                       dln_probe_layers=(1, 2), mlp_depth=3, mlp_width=8, mlp_steps=4, mlp_every=2,
+                       mlp_probe_layers=(1,), seeds=(0,))
+    df = cs.ics_gradient(cfg)
+    assert set(df["part"]) == {"dln", "mlp"} and set(df["arm"]) == {"plain", "BN"}
+    assert df["cosine"].between(-1 - 1e-6, 1 + 1e-6).all()
+    summary = cs.ics_summary(df, "dln")
+    assert set(summary.columns) >= {"min_cosine", "mean_rel_diff", "final_loss"} and len(summary) == 2
+    with pytest.raises(ValueError, match="parts"):
+        cs.ics_gradient(dataclasses.replace(cfg, parts=("vgg",)))
