@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     from . import experiments
     from .train import resolve_device
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             files.append(f"{exp.name}.png")
             plt.close("all")
     from .provenance import record
-    prov = record(device=device, started=started, seconds=seconds, experiment=exp.name,
+    # the command as typed, also when main() is called in-process (sys.argv is then not ours)
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "bnlib", *argv])
+    prov = record(device=device, started=started, seconds=seconds, command=command,
+                  experiment=exp.name,
                   scale=args.scale or __import__("bnlib").scale(), seeds=list(cfg.seeds),
                   config=dataclasses.asdict(cfg), rows=len(df), files=files)
     (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")

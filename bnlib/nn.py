@@ -177,6 +177,8 @@ def convert(model: nn.Module, to: Literal["bnlib", "torch"] = "bnlib") -> nn.Mod
                   affine=layer.affine, track_running_stats=layer.track_running_stats,
                   bias=layer.bias is not None or not layer.affine, **factory)
         new.load_state_dict(layer.state_dict())
+        for name, p in layer.named_parameters(recurse=False):  # frozen stays frozen
+            getattr(new, name).requires_grad_(p.requires_grad)
         new.train(layer.training)
         return new
 

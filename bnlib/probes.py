@@ -78,7 +78,8 @@ def activation_stats(model: nn.Module, x: Tensor, modules: Mapping[str, nn.Modul
     rows = []
     for name in modules:
         t = seen[name].float()
-        q = torch.quantile(t.flatten(), torch.tensor([p / 100 for p in percentiles])).tolist()
+        q = torch.quantile(t.flatten(), torch.tensor([p / 100 for p in percentiles],
+                                                     device=t.device)).tolist()
         rows.append({"module": name, "mean": t.mean().item(), "var": t.var().item(),
                      **{f"p{p:g}": v for p, v in zip(percentiles, q)}})
     return pd.DataFrame(rows)
@@ -111,9 +112,10 @@ class PercentileTracker:
         q = np.percentile(values, self.percentiles)
         self.rows.append({"step": step, **{f"p{p:g}": float(v) for p, v in zip(self.percentiles, q)}})
 
+    def on_train_start(self, model: nn.Module) -> None:
+        self.record(0, model)  # the untrained network
+
     def __call__(self, info) -> None:
-        if info.step == 1:
-            self.record(0, info.model)  # the untrained network (weights not yet stepped twice)
         if info.step % self.every == 0:
             self.record(info.step, info.model)
 

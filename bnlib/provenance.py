@@ -54,7 +54,6 @@ def record(*, device: torch.device, started: _dt.datetime, seconds: float, **ext
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
-        "hostname_hash": hash(platform.node()) & 0xFFFF,
         "env": {k: os.environ[k] for k in ("BNLIB_SCALE", "OMP_NUM_THREADS") if k in os.environ},
         **extra,
     }

@@ -130,12 +130,17 @@ def train(model: nn.Module, data: Dataset, *, steps: int | None = None, epochs: 
           momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
           device: str | torch.device = "auto", eval_every: int | None = None,
           eval_splits: Sequence[str] = ("val",), callbacks: Sequence[Callable[[StepInfo], None]] = (),
-          max_weight_norm: float = 1e6, show_progress: bool | None = None) -> pd.DataFrame:
+          max_weight_norm: float = 1e6, show_progress: bool | None = None,
+          sampler: Callable[[int, int, torch.Generator], Iterable[Tensor]] | None = None) -> pd.DataFrame:
     """Train ``model`` on ``data.train`` and return the evaluation history.
 
     Give ``steps`` or ``epochs``. ``optimizer`` is ``"sgd"``, ``"adam"`` or a callable
     ``params -> torch.optim.Optimizer``. ``eval_every`` defaults to about 10 evaluations.
-    ``callbacks`` run after every step with a :class:`StepInfo` (probes use this).
+    ``callbacks`` run after every step with a :class:`StepInfo` (probes use this); a
+    callback with an ``on_train_start(model)`` method also sees the untrained model.
+    ``sampler`` (optional) replaces :func:`batches`, the i.i.d. reshuffling batch order:
+    a callable ``(n, batch_size, generator) -> endless iterator of index tensors`` into
+    ``data.train`` (chapter 16 uses it for class-sorted, non-i.i.d. batches).
     The model is trained in place and left in eval mode on ``device``.
     """
     n = len(data.train)
@@ -157,20 +162,20 @@ def train(model: nn.Module, data: Dataset, *, steps: int | None = None, epochs: 
     opt = optimizer(model.parameters()) if callable(optimizer) else make_optimizer(
         model.parameters(), optimizer, lr, momentum, weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    stream = batches(n, batch_size, gen)
+    stream = iter((sampler or batches)(n, batch_size, gen))
 
     rows: list[dict] = []
     elapsed, diverged_step = 0.0, None
-    run_loss, run_correct, run_count = 0.0, 0, 0
+    run_loss, run_correct, run_count, run_seen = 0.0, 0, 0, 0
 
     def log(step: int) -> bool:
         """Evaluate every split; return False when the run has diverged."""
-        nonlocal run_loss, run_correct, run_count
+        nonlocal run_loss, run_correct, run_count, run_seen
         if run_count:
             rows.append(dict(step=step, split="batch", loss=run_loss / run_count,
-                             accuracy=run_correct / (run_count * batch_size) if classification else float("nan"),
+                             accuracy=run_correct / run_seen if classification else float("nan"),
                              elapsed=elapsed))
-            run_loss, run_correct, run_count = 0.0, 0, 0
+            run_loss, run_correct, run_count, run_seen = 0.0, 0, 0, 0
         ok = True
         for s in eval_splits:
             loss, acc = evaluate(model, data.split(s), loss=criterion, classification=classification)
@@ -180,6 +185,10 @@ def train(model: nn.Module, data: Dataset, *, steps: int | None = None, epochs: 
         return ok and not _weights_exploded(model, max_weight_norm)
 
     model.train()
+    for cb in callbacks:  # e.g. a probe that records the untrained network at step 0
+        start = getattr(cb, "on_train_start", None)
+        if start is not None:
+            start(model)
     if not log(0):
         diverged_step = 0
     steps_iter = progress.bar(range(1, steps + 1), total=steps, desc="train", show=show_progress)
@@ -187,8 +196,7 @@ def train(model: nn.Module, data: Dataset, *, steps: int | None = None, epochs: 
         idx = next(stream).to(dev)
         x, y = data.train.x[idx], data.train.y[idx]
         t0 = time.perf_counter()
-        model.train()
-        out = model(x)
+        out = model(x)  # train mode: set above; evaluate() and the probes restore it
         loss = criterion(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -202,10 +210,13 @@ def train(model: nn.Module, data: Dataset, *, steps: int | None = None, epochs: 
             break
         run_loss += value
         run_count += 1
+        run_seen += len(y)  # the whole set when batch_size >= n
         if classification:
             run_correct += (out.argmax(1) == y).sum().item()
         for cb in callbacks:
             cb(StepInfo(step, model, loss.detach(), x, y, opt))
+        if callbacks and not model.training:  # a callback left the model in eval mode
+            model.train()
         if step % eval_every == 0 or step == steps:
             if not log(step):
                 diverged_step = step

@@ -1,0 +1,123 @@
+"""bnlib.data: fixed stratified splits, preprocessing modes, subsets, the regression task."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bnlib import data
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+def _rows(split):
+    return {tuple(r) for r in split.x.numpy().round(6).tolist()}
+
+
+def test_split_sizes_and_types(digits):
+    n = len(digits.train) + len(digits.val) + len(digits.test)
+    assert n == 1797
+    assert abs(len(digits.test) / n - 0.2) < 0.01 and abs(len(digits.val) / n - 0.15) < 0.01
+    assert digits.train.x.dtype == torch.float32 and digits.train.y.dtype == torch.long
+    assert digits.train.x.shape == (len(digits.train), 64)
+    assert digits.input_shape == (1, 8, 8) and digits.num_features == 64
+    assert digits.num_classes == 10 and digits.task == "classification"
+
+
+def test_split_is_stable_across_calls_and_disjoint(digits):
+    again = data.load("digits")
+    for name in ("train", "val", "test"):
+        assert torch.equal(digits.split(name).x, again.split(name).x)
+        assert torch.equal(digits.split(name).y, again.split(name).y)
+    other = data.load("digits", split_seed=1)
+    assert not torch.equal(other.train.y, digits.train.y)
+    # the three splits do not share examples (digits has a few duplicate images; allow them)
+    tr, va, te = _rows(digits.train), _rows(digits.val), _rows(digits.test)
+    assert len(tr & te) <= 3 and len(tr & va) <= 3 and len(va & te) <= 3
+
+
+def test_split_is_stratified(digits):
+    overall = np.bincount(np.concatenate([digits.split(s).y.numpy() for s in ("train", "val", "test")]),
+                          minlength=10) / 1797
+    for s in ("train", "val", "test"):
+        y = digits.split(s).y.numpy()
+        frac = np.bincount(y, minlength=10) / len(y)
+        assert np.abs(frac - overall).max() < 0.01, s
+
+
+def test_preprocessing_modes():
+    raw = data.load("digits", preprocessing="raw")
+    assert raw.train.x.max().item() == 16.0 and raw.train.x.min().item() == 0.0
+    scaled = data.load("digits", preprocessing="scaled")
+    assert scaled.train.x.max().item() == 1.0 and scaled.train.x.min().item() == 0.0
+    torch.testing.assert_close(scaled.train.x * 16, raw.train.x)
+    std = data.load("digits", preprocessing="standardized")
+    assert std.train.x.mean(0).abs().max().item() < 1e-5
+    sd = std.train.x.std(0, unbiased=False)
+    varying = raw.train.x.std(0) > 0
+    torch.testing.assert_close(sd[varying], torch.ones(int(varying.sum())), atol=1e-4, rtol=0)
+    # statistics come from the training split only: val is close to, not exactly, standardized
+    assert std.val.x.mean(0).abs().max().item() > 1e-4
+    assert raw.preprocessing == "raw" and std.preprocessing == "standardized"
+
+
+def test_tabular_scaling_uses_training_min_max():
+    wine = data.load("wine", preprocessing="scaled")
+    assert wine.train.x.min().item() == 0.0 and wine.train.x.max().item() == 1.0
+    assert wine.input_shape == (13,) and wine.num_classes == 3
+
+
+def test_n_train_subset_is_stratified_and_from_train(digits):
+    small = data.load("digits", n_train=200)
+    assert len(small.train) == 200
+    assert torch.equal(small.val.x, digits.val.x) and torch.equal(small.test.y, digits.test.y)
+    assert _rows(small.train) <= _rows(digits.train)
+    counts = np.bincount(small.train.y.numpy(), minlength=10)
+    assert counts.min() >= 18 and counts.max() <= 22
+    assert torch.equal(data.load("digits", n_train=200).train.x, small.train.x)  # stable
+    assert digits.subset(10_000) is digits  # asking for more than there is: unchanged
+
+
+def test_regression_task():
+    reg = data.load("deep_linear", n=300, dim=5)
+    assert reg.task == "regression" and reg.num_classes is None
+    assert reg.train.y.dtype == torch.float32 and reg.train.y.shape == (len(reg.train), 5)
+    assert len(reg.train) + len(reg.val) + len(reg.test) == 300
+    # y = A x exactly (before preprocessing of x): recover A by least squares on the raw data
+    raw = data.load("deep_linear", n=300, dim=5, preprocessing="raw", dtype=torch.float64)
+    a = torch.linalg.lstsq(raw.train.x, raw.train.y).solution
+    torch.testing.assert_close(raw.train.x @ a, raw.train.y)
+
+
+def test_synthetic_classification_and_images(digits):
+    gm = data.load("gaussian_mixture", n=400, dim=6, classes=3)
+    assert gm.input_shape == (6,) and gm.num_classes == 3
+    assert set(gm.train.y.unique().tolist()) == {0, 1, 2}
+    img = digits.images()
+    assert img.train.x.shape == (len(digits.train), 1, 8, 8)
+    with pytest.raises(ValueError, match="no image shape"):
+        gm.images()
+
+
+def test_device_dtype_and_errors(digits):
+    assert digits.to("cpu") is digits
+    d64 = data.load("digits", dtype=torch.float64)
+    assert d64.train.x.dtype == torch.float64 and d64.train.y.dtype == torch.long
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("imagenet")
+    with pytest.raises(ValueError, match="preprocessing"):
+        data.load("digits", preprocessing="whitened")
+    with pytest.raises(ValueError, match="fraction"):
+        data.load("digits", val_fraction=0.5, test_fraction=0.6)
+    with pytest.raises(ValueError, match="split"):
+        digits.split("holdout")
+    assert "digits" in repr(digits) and "train=" in repr(digits)
+
+
+def test_cached_source_is_read_only_but_splits_are_writable():
+    d = data.load("digits", preprocessing="raw")
+    d.train.x[0, 0] = 123.0  # our own copy
+    assert data.load("digits", preprocessing="raw").train.x[0, 0].item() != 123.0
