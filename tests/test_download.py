@@ -230,8 +230,8 @@ GOOD = idx_bytes(np.zeros((2, 28, 28), np.uint8))
     (b"\x01\x00" + GOOD[2:], "not an IDX"),     # bad magic
     (b"\0\0\x07\x03" + GOOD[4:], "not an IDX"), # unknown dtype code
     (b"\0\0\x08\x00", "bad IDX header"),        # zero dims
-    (gzip.compress(GOOD)[:-12], "gzip"),        # truncated gzip stream
-])
+    (gzip.compress(GOOD, mtime=0)[:-12], "gzip"),  # truncated gzip stream
+], ids=["short", "trailing", "cut-header", "bad-magic", "bad-dtype", "zero-dims", "cut-gzip"])
 def test_read_idx_rejects_corrupt(tmp_path, raw, message):
     path = tmp_path / "bad.gz"
     path.write_bytes(raw)
