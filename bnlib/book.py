@@ -12,9 +12,28 @@ VERDICTS = ("true", "partly true", "contested", "misleading", "false", "depends"
 
 
 def setup() -> None:
-    """Seaborn theme, inline figures, quiet progress bars: the first code cell of a chapter."""
+    """Seaborn theme and inline figures: the first code cell of a chapter.
+
+    Inside a Jupyter kernel, figures must use the inline backend to appear in the
+    notebook and in the book; an inherited ``MPLBACKEND=Agg`` (common in CI and on
+    headless servers) would silently drop every figure, so it is overridden here.
+    """
     from . import plots
+    _inline_figures()
     plots.set_theme()
+
+
+def _inline_figures() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or "IPKernelApp" not in shell.config:
+        return  # a plain Python process or terminal IPython: leave the backend alone
+    import matplotlib
+    if "inline" not in matplotlib.get_backend():
+        shell.run_line_magic("matplotlib", "inline")
 
 
 def glue(key: str, value, display: bool = False) -> None:
