@@ -209,7 +209,7 @@ def test_tune_lr_picks_each_arms_best_on_val_and_fails_diverged_runs():
         frames += [_history("bn", 0.1, seed, 0.85, 0.85), _history("bn", 1.0, seed, 0.90, 0.90)]
     df = pd.concat(frames, ignore_index=True)
     best = tune_lr(df)
-    assert list(best.columns) == ["arm", "lr", "accuracy"]
+    assert list(best.columns) == ["arm", "lr", "accuracy", "at_edge"]
     picks = dict(zip(best["arm"], best["lr"]))
     assert picks == {"plain": 0.1, "bn": 1.0}
     assert best.set_index("arm").loc["plain", "accuracy"] == pytest.approx(0.80)
@@ -284,3 +284,11 @@ def test_python_m_bnlib_list():
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
     assert names == sorted(names) and len(names) >= 1
     assert "test_cli_dummy" not in names  # registered by this test module only
+
+
+def test_tune_lr_flags_a_best_rate_at_the_edge_of_the_grid():
+    rows = [dict(arm=a, lr=lr, seed=0, step=1, split="val", loss=1.0, accuracy=acc, diverged=False)
+            for a, lr, acc in [("A", 0.1, 0.5), ("A", 1.0, 0.9), ("A", 3.0, 0.7),
+                               ("B", 0.1, 0.9), ("B", 1.0, 0.5), ("B", 3.0, 0.4)]]
+    best = tune_lr(pd.DataFrame(rows)).set_index("arm")
+    assert not best.loc["A", "at_edge"] and best.loc["B", "at_edge"]

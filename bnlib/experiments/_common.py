@@ -49,7 +49,9 @@ def tune_lr(df: pd.DataFrame, *, metric: str = "accuracy", split: str = "val",
             by: Sequence[str] = ("arm",), lr: str = "lr", diverged_value: float = 0.0) -> pd.DataFrame:
     """Each arm's best learning rate: the one with the best mean final ``metric`` on
     ``split`` over seeds (diverged runs count as ``diverged_value``). Returns columns
-    ``by + [lr, metric]``. Loss is minimised, anything else maximised."""
+    ``by + [lr, metric, "at_edge"]``; ``at_edge`` flags a best rate at either end of the
+    grid, where a wider grid might find a better one. Loss is minimised, anything else
+    maximised."""
     by = list(by)
     last = final_rows(df, by + [lr, "seed"])
     last = last[last["split"] == split].copy()
@@ -60,8 +62,10 @@ def tune_lr(df: pd.DataFrame, *, metric: str = "accuracy", split: str = "val",
     last.loc[last["diverged"] | last[metric].isna(), metric] = fill
     mean = last.groupby(by + [lr], sort=False)[metric].mean().reset_index()
     pick = mean.loc[mean.groupby(by, sort=False)[metric].idxmin() if metric == "loss"
-                    else mean.groupby(by, sort=False)[metric].idxmax()]
-    return pick.reset_index(drop=True)
+                    else mean.groupby(by, sort=False)[metric].idxmax()].reset_index(drop=True)
+    # A best rate at the end of the grid may not be the arm's best at all: say so.
+    pick["at_edge"] = pick[lr].isin([mean[lr].min(), mean[lr].max()])
+    return pick
 
 
 def at_best_lr(df: pd.DataFrame, **tune_kwargs: Any) -> pd.DataFrame:
