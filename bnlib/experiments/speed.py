@@ -55,6 +55,18 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device: str | torch.device | None = None) -> Callable[[], float]:
+    """The stopwatch the timing harness uses on ``device``.
+
+    On the CPU: this process's CPU time (``time.process_time``, all its threads). A shared
+    machine deschedules a process at random moments; wall-clock time then charges the
+    waiting to whichever arm happened to run, while CPU time counts only the work the step
+    did. On a GPU: wall-clock time between synchronisations, the time the GPU was busy.
+    """
+    dev = torch.device(device) if isinstance(device, str) else device
+    return time.perf_counter if dev is not None and dev.type != "cpu" else time.process_time
+
+
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 20,
                      number: int = 3, warmup: int = 2, seed: int = 0,
                      device: str | torch.device | None = None) -> pd.DataFrame:
@@ -68,7 +80,8 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 20,
 
     A function may time itself: if it returns a Python ``float``, that is its duration (for a phase
     that needs untimed set-up, e.g. a backward pass needs a forward pass first). On CUDA
-    (``device``) the GPU is synchronised before and after each timed call.
+    (``device``) the GPU is synchronised before and after each timed call. Times come from
+    :func:`clock`: CPU time on the CPU, wall time on a GPU.
     """
     if not fns:
         raise ValueError("give at least one function to time")
@@ -81,6 +94,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 20,
             fns[name]()
     _sync(dev)
     rng = random.Random(seed)
+    now = clock(dev)
     rows = []
     for r in range(repeats):
         order = names[:]
@@ -89,10 +103,10 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 20,
             total = 0.0
             for _ in range(number):
                 _sync(dev)
-                t0 = time.perf_counter()
+                t0 = now()
                 out = fns[name]()
                 _sync(dev)
-                wall = time.perf_counter() - t0
+                wall = now() - t0
                 total += out if type(out) is float else wall
             rows.append({"name": name, "repeat": r, "seconds": total / number})
     return pd.DataFrame(rows)
@@ -116,14 +130,16 @@ def step_phases(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float
     def forward() -> None:
         F.cross_entropy(model(x), y)
 
+    now = clock(dev)
+
     def backward() -> float:
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         _sync(dev)
-        t0 = time.perf_counter()
+        t0 = now()
         loss.backward()
         _sync(dev)
-        return time.perf_counter() - t0
+        return now() - t0
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
