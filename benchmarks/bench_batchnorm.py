@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,22 +35,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bnlib  # noqa: E402
 from bnlib import nn as bnn  # noqa: E402
+from bnlib.provenance import device_name  # noqa: E402
 
 SHAPES = {
     "MLP (256, 512), BatchNorm1d": ((256, 512), nn.BatchNorm1d, bnn.BatchNorm1d),
     "CNN (64, 64, 32, 32), BatchNorm2d": ((64, 64, 32, 32), nn.BatchNorm2d, bnn.BatchNorm2d),
 }
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_step(layer: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], None]:
@@ -134,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and args.clock != "wall":
         p.error("--clock cpu measures CPU time only; use the wall clock on CUDA")
     torch.set_num_threads(args.threads)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    dev_name = device_name(device)
 
     load = ", load average {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
     print(f"bnlib {bnlib.__version__} vs torch {torch.__version__} native batch norm — "

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["set_theme", "learning_curves", "sweep", "percentile_bands", "ARM_COLORS", "new_axes"]
+__all__ = ["set_theme", "learning_curves", "sweep", "percentile_bands", "ARM_COLORS", "new_axes",
+           "facets"]
 
 ARM_COLORS = {"plain": "#7f7f7f", "no BN": "#7f7f7f", "none": "#7f7f7f",
               "BN": "#1f77b4", "batch": "#1f77b4", "bn": "#1f77b4"}
@@ -30,6 +31,15 @@ def new_axes(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float =
     """A figure with ``nrows × ncols`` axes sized for the book's page."""
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
                         constrained_layout=True, squeeze=False, **kw)
+
+
+def facets(values: Sequence, draw, *, width: float = 6.0, height: float = 3.8):
+    """One panel per value, side by side: ``draw(value, ax)`` fills each. Returns the figure."""
+    values = list(values)
+    fig, axes = new_axes(len(values), width=width, height=height)
+    for ax, value in zip(axes[0], values):
+        draw(value, ax)
+    return fig
 
 
 def _palette(values: Sequence) -> dict:

@@ -578,11 +578,7 @@ def plot_ics(df: pd.DataFrame, part: str, *, y: str = "cosine", ax=None, legend:
 
 def _plot_ics(df: pd.DataFrame):
     from .. import plots
-    parts = list(dict.fromkeys(df["part"]))
-    fig, axes = plots.new_axes(len(parts))
-    for ax, part in zip(axes[0], parts):
-        plot_ics(df, part, ax=ax)
-    return fig
+    return plots.facets(dict.fromkeys(df["part"]), lambda part, ax: plot_ics(df, part, ax=ax))
 
 
 @register("ics_gradient", ICSConfig, title="Gradient-based internal covariate shift (Santurkar Def. 2.1)",

@@ -361,11 +361,8 @@ def plot_explosion(df: pd.DataFrame, activation: str, ax=None):
 
 def _plot_explosion(df: pd.DataFrame):
     from .. import plots
-    acts = list(dict.fromkeys(df["activation"]))
-    fig, axes = plots.new_axes(len(acts), width=5)
-    for ax, act in zip(axes[0], acts):
-        plot_explosion(df, act, ax=ax)
-    return fig
+    return plots.facets(dict.fromkeys(df["activation"]),
+                        lambda act, ax: plot_explosion(df, act, ax=ax), width=5)
 
 
 @register("grad_explosion", ExplosionConfig, title="Gradients at initialisation in deep BN networks (Yang 2019)",

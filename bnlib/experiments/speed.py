@@ -426,8 +426,5 @@ def _plot_ioffe(df: pd.DataFrame):
     target = float(df["target"].iloc[0])
     best = best_lr(run_summary(hist, target, by=("arm", "init_std", "lr")), by=("arm", "init_std"))
     at_best = hist.merge(best[["arm", "init_std", "lr"]], on=["arm", "init_std", "lr"])
-    fig, axes = plots.new_axes(len(stds))
-    for ax, s in zip(axes[0], stds):
-        plots.learning_curves(at_best[at_best["init_std"] == s], split="test", ax=ax,
-                              title=f"init std {s:g}")
-    return fig
+    return plots.facets(stds, lambda s, ax: plots.learning_curves(
+        at_best[at_best["init_std"] == s], split="test", ax=ax, title=f"init std {s:g}"))
