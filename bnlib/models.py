@@ -11,15 +11,20 @@ article's advice). A layer that a batch norm directly follows gets no bias: the 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import nn as bnn
 
-__all__ = ["Block", "Net", "mlp", "cnn", "ACTIVATIONS", "NORMS"]
+if TYPE_CHECKING:
+    from .data import Dataset
+
+__all__ = ["Block", "Net", "mlp", "cnn", "ACTIVATIONS", "NORMS", "MLPSpec", "CNNSpec", "ModelSpec"]
 
 Activation = Literal["relu", "sigmoid", "tanh", "gelu", "identity"]
 Norm = str  # one of NORMS
@@ -32,15 +37,16 @@ NORMS = ("none", "batch", "layer", "group")
 
 
 def make_norm(kind: Norm, features: int, *, conv: bool, impl: str = "bnlib",
-              groups: int = 8) -> nn.Module:
-    """A normalisation layer for ``features`` channels; ``impl`` picks bnlib's BN or torch's."""
+              groups: int = 8, dims: int = 2) -> nn.Module:
+    """A normalisation layer for ``features`` channels; ``impl`` picks bnlib's BN or torch's.
+    ``dims`` is the convolution's dimensionality (2 for images, 1 for sequences)."""
     if kind == "none":
         return nn.Identity()
     if kind == "batch":
         lib = {"bnlib": bnn, "torch": nn}.get(impl)
         if lib is None:
             raise ValueError(f"impl must be 'bnlib' or 'torch', got {impl!r}")
-        return lib.BatchNorm2d(features) if conv else lib.BatchNorm1d(features)
+        return lib.BatchNorm2d(features) if conv and dims == 2 else lib.BatchNorm1d(features)
     if kind == "layer":
         # For images, LayerNorm over (C, H, W) is GroupNorm with one group.
         return nn.GroupNorm(1, features) if conv else nn.LayerNorm(features)
@@ -104,7 +110,7 @@ def init_weights(model: nn.Module, scheme: Init = "kaiming", scale: float = 1.0,
     gain_of = {"relu": "relu", "gelu": "relu", "sigmoid": "sigmoid", "tanh": "tanh",
                "identity": "linear"}
     for m in model.modules():
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
         if std is not None or scheme == "normal":
             if std is None:
@@ -168,21 +174,96 @@ def mlp(in_features: int, num_classes: int, *, depth: int = 3, width: int = 128,
 def cnn(in_channels: int, num_classes: int, *, channels: Sequence[int] = (16, 32, 64),
         activation: Activation = "relu", norm: Norm = "none", placement: Placement = "before",
         pool_every: int = 1, init: Init = "kaiming", init_scale: float = 1.0,
-        init_std: float | None = None, norm_impl: str = "bnlib") -> Net:
-    """A small VGG-style CNN: 3×3 conv blocks, 2×2 max-pooling after every ``pool_every``
-    blocks, global average pooling and a linear classifier."""
+        init_std: float | None = None, norm_impl: str = "bnlib", dims: int = 2) -> Net:
+    """A small VGG-style CNN: 3×3 conv blocks (3-tap for ``dims=1``), 2×2 max-pooling after
+    every ``pool_every`` blocks, global average pooling and a linear classifier. ``dims=1``
+    builds the same network from ``Conv1d`` and ``BatchNorm1d`` over ``(N, C, L)`` inputs
+    (MNIST-1D); ``dims=2`` over ``(N, C, H, W)`` images."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if dims not in (1, 2):
+        raise ValueError(f"dims must be 1 or 2, got {dims}")
+    conv, pool_layer, avg = ((nn.Conv1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d) if dims == 1
+                             else (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
     blocks, c_in = [], in_channels
     for i, c in enumerate(channels):
         bias = not (norm == "batch" and placement == "before")
         pool = pool_every and (i + 1) % pool_every == 0 and i + 1 < len(channels)
-        blocks.append(Block(nn.Conv2d(c_in, c, 3, padding=1, bias=bias),
-                            make_norm(norm, c, conv=True, impl=norm_impl),
+        blocks.append(Block(conv(c_in, c, 3, padding=1, bias=bias),
+                            make_norm(norm, c, conv=True, impl=norm_impl, dims=dims),
                             ACTIVATIONS[activation](), placement,
-                            pool=nn.MaxPool2d(2) if pool else None))
+                            pool=pool_layer(2) if pool else None))
         c_in = c
-    neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    neck = nn.Sequential(avg(1), nn.Flatten())
     net = Net(blocks, nn.Linear(c_in, num_classes), neck)
     init_weights(net, init, init_scale, init_std, activation)
     return net
+
+
+# --- specs: a network described by data, built by seed ------------------------------------
+
+def _outputs(data: "Dataset") -> int:
+    return data.num_classes if data.num_classes is not None else int(data.train.y[0].numel())
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """An MLP, as data: every knob of :func:`mlp`. ``build(seed, data)`` makes the network.
+
+    Two arms that differ in one field (``norm="batch"`` vs ``"none"``) and are built with the
+    same seed start from the same random stream (see :func:`bnlib.train.fit`).
+    """
+
+    kind: ClassVar[str] = "mlp"
+    depth: int = 3
+    width: int = 128
+    activation: str = "relu"
+    norm: str = "none"
+    placement: str = "before"
+    residual: bool = False
+    init: str = "kaiming"
+    init_scale: float = 1.0
+    init_std: float | None = None
+    norm_impl: str = "bnlib"
+    residual_branch_scale: float | None = None
+    dropout: float = 0.0
+    dropout_at: str = "blocks"
+
+    def inputs(self, data: "Dataset") -> "Dataset":
+        """The data as this network reads it (flat vectors)."""
+        return data
+
+    def build(self, seed: int, data: "Dataset") -> Net:
+        """The network for ``data``, initialised right after ``torch.manual_seed(seed)``."""
+        torch.manual_seed(seed)
+        return mlp(data.num_features, _outputs(data), **dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class CNNSpec:
+    """A small CNN, as data: every knob of :func:`cnn`. 1-D or 2-D follows the data: a
+    ``(C, L)`` input shape (MNIST-1D) gives ``Conv1d``/``BatchNorm1d``, ``(C, H, W)`` 2-D."""
+
+    kind: ClassVar[str] = "cnn"
+    channels: tuple[int, ...] = (16, 32, 64)
+    activation: str = "relu"
+    norm: str = "none"
+    placement: str = "before"
+    pool_every: int = 1
+    init: str = "kaiming"
+    init_scale: float = 1.0
+    init_std: float | None = None
+    norm_impl: str = "bnlib"
+
+    def inputs(self, data: "Dataset") -> "Dataset":
+        """The data as this network reads it (``(N, C, H, W)`` or ``(N, C, L)``)."""
+        return data.images()
+
+    def build(self, seed: int, data: "Dataset") -> Net:
+        """The network for ``data``, initialised right after ``torch.manual_seed(seed)``."""
+        torch.manual_seed(seed)
+        return cnn(data.input_shape[0], _outputs(data), dims=len(data.input_shape) - 1,
+                   **dataclasses.asdict(self))
+
+
+ModelSpec = MLPSpec | CNNSpec

@@ -22,18 +22,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import progress
+from . import progress, runtime
 from .data import Dataset, Split
 
-__all__ = ["train", "evaluate", "resolve_device", "seeded", "make_optimizer", "StepInfo",
-           "batches", "loss_fn"]
+if TYPE_CHECKING:
+    from .models import ModelSpec
+
+__all__ = ["TrainSpec", "fit", "train", "evaluate", "resolve_device", "seeded", "make_optimizer",
+           "StepInfo", "batches", "loss_fn", "HISTORY_COLUMNS"]
+
+HISTORY_COLUMNS = ["step", "split", "loss", "accuracy", "elapsed", "diverged"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -226,4 +231,51 @@ def train(model: nn.Module, data: Dataset, *, steps: int | None = None, epochs: 
     df["diverged"] = diverged_step is not None
     df.attrs["diverged_step"] = diverged_step
     df.attrs["steps"] = steps
+    return df
+
+
+# --- the protocol's one training call -----------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How a network is trained, as data (the optimiser, its schedule and what is logged).
+
+    ``eval_every`` sets how often the val/test splits are evaluated: a time to target is
+    interpolated between evaluations (``bnlib.analysis``), so it is not set by this interval.
+    """
+
+    optimizer: str = "sgd"            # "sgd" (heavy-ball momentum) or "adam"
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    steps: int = 300
+    batch_size: int = 64
+    eval_every: int = 10
+    eval_splits: tuple[str, ...] = ("val", "test")
+    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
+
+
+def fit(model: "ModelSpec", spec: TrainSpec, data: Dataset | str, seed: int, *,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+        sampler: Callable[[int, int, torch.Generator], Iterable[Tensor]] | None = None,
+        max_weight_norm: float = 1e6) -> pd.DataFrame:
+    """Train ``model`` (a spec, built with ``seed``) on ``data`` with ``spec``: one run.
+
+    The model's initialisation and the batch order both come from ``seed``, so arms that
+    share a seed are paired. Runs with bnlib's thread count (:mod:`bnlib.runtime`), so the
+    history is the same on every machine setting. Returns the tidy history
+    (``step, split, loss, accuracy, elapsed, diverged``); the trained network is in
+    ``df.attrs["model"]`` for probes that need it afterwards.
+    """
+    from . import data as datasets
+    ds = datasets.load(data) if isinstance(data, str) else data
+    ds = model.inputs(ds)
+    with runtime.pinned_threads():
+        net = model.build(seed, ds)
+        df = train(net, ds, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
+                   optimizer=spec.optimizer, momentum=spec.momentum,
+                   weight_decay=spec.weight_decay, seed=seed, device=spec.device,
+                   eval_every=spec.eval_every, eval_splits=spec.eval_splits,
+                   callbacks=callbacks, max_weight_norm=max_weight_norm, sampler=sampler)
+    df.attrs["model"] = net
     return df
