@@ -39,15 +39,19 @@ class GridEdgeError(ValueError):
     might do better: the comparison would be against an arm that was not really tuned."""
 
 
+def _cols(c: str | Sequence[str]) -> list[str]:
+    return [c] if isinstance(c, str) else list(c)
+
+
 def run_keys(df: pd.DataFrame, keys: Sequence[str] | None = None) -> list[str]:
     """The columns that identify a run: ``keys`` if given (all must exist), else every
     column of ``df`` that is not one of :data:`HISTORY_COLUMNS`."""
     if keys is None:
         return [c for c in df.columns if c not in HISTORY_COLUMNS]
-    missing = [k for k in keys if k not in df.columns]
+    missing = [k for k in _cols(keys) if k not in df.columns]
     if missing:
         raise ValueError(f"key columns {missing} not in the table (columns: {list(df.columns)})")
-    return list(keys)
+    return _cols(keys)
 
 
 def _runs(df: pd.DataFrame, split: str, keys: Sequence[str] | None):
@@ -63,7 +67,10 @@ def _runs(df: pd.DataFrame, split: str, keys: Sequence[str] | None):
         if h["step"].duplicated().any():
             raise ValueError(f"several runs share the keys {dict(zip(keys, key))}: "
                              "a key column is missing")
-        yield dict(zip(keys, key)), h, bool(g["diverged"].any())
+        div = bool(g["diverged"].any())
+        if h.empty and not div:
+            raise ValueError(f"run {dict(zip(keys, key))} was never evaluated on {split!r}")
+        yield dict(zip(keys, key)), h, div
 
 
 def final(df: pd.DataFrame, *, split: str, metric: str = "accuracy",
@@ -170,7 +177,7 @@ def survival_summary(ttt: pd.DataFrame, *, by: Sequence[str] = ("arm",),
     ``horizon`` defaults to the smallest, over groups, of each group's largest budget, so it
     is common to all groups and each group's curve is known up to it.
     """
-    by = list(by)
+    by = _cols(by)
     groups = list(ttt.groupby(by, sort=False)) if by else [((), ttt)]
     if horizon is None:
         horizon = min(float(g["budget"].max()) for _, g in groups)
@@ -216,10 +223,11 @@ class TimeRatio:
             return (f"{self.a}/{self.b} time ratio {self.ratio:.3g} (geometric mean of {self.n} "
                     f"paired runs; {self.confidence:.0%} CI {self.ci_low:.3g}–{self.ci_high:.3g}; "
                     f"median {self.median:.3g})")
-        gone = "; ".join(f"{arm} not reached by {self.unit} {self.horizon:g} in {self.n - k} of "
-                         f"{self.n} runs" for arm, k in ((self.a, self.reached_a),
-                                                           (self.b, self.reached_b)) if k < self.n)
-        return (f"no ratio: {gone}. Restricted mean time to {self.unit} {self.horizon:g}: "
+        by = (f"step {self.horizon:g}" if self.unit == "step" else f"{self.horizon:.4g} {self.unit}")
+        gone = "; ".join(f"{arm} not reached by {by} in {self.n - k} of {self.n} runs"
+                         for arm, k in ((self.a, self.reached_a), (self.b, self.reached_b))
+                         if k < self.n)
+        return (f"no ratio: {gone}. Restricted mean time (up to {by}): "
                 f"{self.a} {self.restricted_mean_a:.4g}, {self.b} {self.restricted_mean_b:.4g}")
 
     __str__ = describe
@@ -232,7 +240,7 @@ def time_ratio(ttt: pd.DataFrame, a: str, b: str, *, arm: str = "arm",
     paired run of both arms arrived: geometric mean with a t-interval on the log ratios,
     and the median. Otherwise a censored result with the counts and restricted means —
     never ``inf``, never 0 for something that did not arrive."""
-    ta, tb = (ttt[ttt[arm] == x].set_index(list(pair_on)) for x in (a, b))
+    ta, tb = (ttt[ttt[arm] == x].set_index(_cols(pair_on)) for x in (a, b))
     _check_pairs(ta.index, tb.index, a, b)
     tb = tb.loc[ta.index]
     horizon = min(float(ta["budget"].max()), float(tb["budget"].max()))
@@ -264,7 +272,7 @@ def pairs(df: pd.DataFrame, value: str, a: str, b: str, *, arm: str = "arm",
           pair_on: Sequence[str] = ("seed",)) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)``: ``value`` of arm ``a`` and of arm ``b``, aligned on ``pair_on`` (the seed).
     Raises when a pair is missing or duplicated instead of silently dropping it."""
-    xa, xb = (df[df[arm] == x].set_index(list(pair_on))[value] for x in (a, b))
+    xa, xb = (df[df[arm] == x].set_index(_cols(pair_on))[value] for x in (a, b))
     _check_pairs(xa.index, xb.index, a, b)
     return xa.to_numpy(float), xb.loc[xa.index].to_numpy(float)
 
@@ -393,13 +401,17 @@ def compare(x: Iterable[float], y: Iterable[float], *, margin: float, alpha: flo
 
 
 def holm(pvalues: Sequence[float], alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
-    """Holm's step-down correction: ``(reject, adjusted p-values)`` in input order."""
-    from statsmodels.stats.multitest import multipletests
+    """Holm's step-down correction: ``(reject, adjusted p-values)`` in input order. The
+    k-th smallest of m p-values is multiplied by m − k + 1, then made non-decreasing and
+    capped at 1. (Same numbers as statsmodels' ``multipletests(method="holm")``, which the
+    tests check; computed here because that function calls ``gc.collect()`` on every call.)"""
     p = np.asarray(pvalues, float)
     if p.ndim != 1 or len(p) == 0 or not np.isfinite(p).all():
         raise ValueError(f"holm needs a non-empty list of finite p-values, got {pvalues}")
-    reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="holm")
-    return reject, adjusted
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(p[order] * np.arange(len(p), 0, -1)))
+    return adjusted < alpha, adjusted
 
 
 def compare_family(family: Mapping[str, tuple[Iterable[float], Iterable[float]]], *,
@@ -443,7 +455,7 @@ def tune(df: pd.DataFrame, param: str = "lr", *, metric: str = "accuracy", split
     for speed); ``attrs`` keep ``keys``, ``tuning_seeds`` and ``report_seeds`` for
     :func:`select`.
     """
-    by, report = list(by), set(report_seeds or ())
+    by, report = _cols(by), set(report_seeds or ())
     tuning = set(df[seed]) - report if seeds is None else set(seeds)
     if tuning & report:
         raise ValueError(f"tuning and reporting seeds overlap: {sorted(tuning & report)}")
@@ -491,7 +503,7 @@ def select(df: pd.DataFrame, choice: pd.DataFrame, *, on: Sequence[str] | None =
     """The rows of ``df`` run at the values :func:`tune` chose, restricted to the reporting
     ``seeds`` (default: the ``report_seeds`` recorded by :func:`tune`, if any). Raises
     ValueError if a reporting seed was also a tuning seed."""
-    on = list(on if on is not None else choice.attrs.get("keys", ()))
+    on = _cols(on if on is not None else choice.attrs.get("keys", ()))
     if not on:
         raise ValueError("select needs `on` (the key columns of the choice)")
     seeds = set(seeds if seeds is not None else choice.attrs.get("report_seeds") or ())

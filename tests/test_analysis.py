@@ -42,6 +42,8 @@ def test_final_last_evaluation_and_diverged_is_nan():
     assert A.final(df, split="val", diverged_value=0.0)["accuracy"].iloc[1] == 0.0
     with pytest.raises(ValueError, match="split 'test' not in the table"):
         A.final(df, split="test")
+    with pytest.raises(ValueError, match="never evaluated on 'test'"):
+        A.final(table(df, run([0.5], arm="b", seed=1, split="test")), split="test")
 
 
 def test_runs_sharing_keys_are_refused():
@@ -81,6 +83,12 @@ def test_censoring_never_gives_inf():
     # planned budget (the longest non-diverged run, 300), not at step 100 where it stopped
     assert t["budget"].tolist() == [300, 300, 300]
     assert A.time_to_target(df, 0.8, budget=400)["budget"].iloc[2] == 400
+    # a crossing seen before the run diverged is a fact: 0.55 at 0 + (0.05/0.1)·100 = 50
+    assert A.time_to_target(df, 0.55)["time"].iloc[2] == pytest.approx(50)
+    # in seconds the censored text names the unit: budget 300 steps = 6 s
+    r = A.time_ratio(A.time_to_target(table(df, run([0.5, 0.9, 0.9, 0.9], arm="b", seed=1)),
+                                      0.8, column="elapsed").query("seed == 1"), "a", "b")
+    assert str(r).startswith("no ratio: a not reached by 6 s in 1 of 1 runs")
 
 
 # ---------------------------------------------------------------- survival summary
@@ -170,7 +178,7 @@ def test_paired_inputs_are_checked():
     with pytest.raises(ValueError, match="sd = 0"):
         A.paired_difference([1.0, 2.0], [0.5, 1.5])
     df = pd.DataFrame(dict(arm=["a", "a", "b", "b"], seed=[0, 1, 1, 0], acc=[0.9, 0.8, 0.7, 0.6]))
-    x, y = A.pairs(df, "acc", "a", "b")
+    x, y = A.pairs(df, "acc", "a", "b", pair_on="seed")
     assert x.tolist() == [0.9, 0.8] and y.tolist() == [0.6, 0.7]  # aligned on the seed
     with pytest.raises(ValueError, match="unmatched"):
         A.pairs(df.iloc[:3], "acc", "a", "b")
@@ -219,6 +227,13 @@ def test_holm_by_hand():
     reject, adj = A.holm(p)
     assert adj == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert reject.tolist() == [True, False, False, True]
+    # a second computation: statsmodels; 0.6 is 3rd smallest of 5: 0.6·3 = 1.8, capped at 1
+    from statsmodels.stats.multitest import multipletests
+    q = [0.6, 0.001, 0.7, 0.02, 0.9]
+    ref_reject, ref_adj, _, _ = multipletests(q, alpha=0.05, method="holm")
+    reject, adj = A.holm(q)
+    assert adj == pytest.approx(ref_adj) and reject.tolist() == ref_reject.tolist()
+    assert adj[0] == 1.0
 
 
 def test_compare_family_applies_holm():
