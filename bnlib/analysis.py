@@ -130,6 +130,8 @@ def time_to_target(df: pd.DataFrame, target: float, *, split: str = "val",
     rows = []
     for key, h, div in _runs(df, split, keys):
         h = h[h[metric].notna()]
+        if h.empty and not div:
+            raise ValueError(f"{metric!r} is NaN throughout run {key} on {split!r}")
         t = _crossing(h[column].to_numpy(float), h[metric].to_numpy(float), target, higher,
                       interpolate)
         last = float(h[column].iloc[-1]) if len(h) else math.nan
