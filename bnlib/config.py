@@ -57,6 +57,9 @@ def parse_value(text: Any, tp: Any, key: str = "value") -> Any:
         if text is None or (isinstance(text, str) and text.strip().lower() in ("none", "null")):
             if type(None) in args:
                 return None
+        if isinstance(text, str) and all(dataclasses.is_dataclass(a) for a in args
+                                         if a is not type(None)):
+            raise ConfigError(f"{key}: set its fields one by one ({key}.FIELD=VALUE)")
         errors = []
         for arg in args:
             if arg is type(None):

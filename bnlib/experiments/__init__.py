@@ -1,53 +1,61 @@
-"""The experiment protocol: registry, presets, paired sweeps with checkpoints.
+"""The experiment registry: presets, the results cache and paired sweeps.
 
-An experiment is a function ``run(config) -> pandas.DataFrame`` registered under a name,
-with a config dataclass that has ``quick()`` and ``full()`` presets::
+An experiment is a function ``fn(config) -> pandas.DataFrame`` registered under a name, with a
+config dataclass whose defaults are the quick preset (each field with a one-line reason) and
+whose ``full()`` changes a few of them::
 
-    @dataclass
+    @dataclass(frozen=True)
     class SpeedConfig(Config):
-        steps: int = 300
+        data: str = "digits"          # ships with scikit-learn: no download
+        train: TrainSpec = TrainSpec(steps=300)
 
         @classmethod
         def full(cls):
-            return cls(steps=5000, seeds=(0, 1, 2, 3, 4))
+            return override(cls(), {"data": "mnist", "train.steps": 5000})
 
-    @register("speed", SpeedConfig, title="Steps to a target accuracy", chapter="04_speed")
-    def speed(cfg: SpeedConfig) -> pd.DataFrame:
-        return sweep(one_run, arms={...}, grid={"lr": cfg.lrs}, seeds=cfg.seeds)
+    @register("speed", SpeedConfig, title="Steps to a target accuracy", chapter="04_speed",
+              plot=plot)
+    def speed(cfg: SpeedConfig) -> pd.DataFrame: ...
 
-Each chapter's experiments live in their own module of this package; modules are found
-and imported automatically, so adding one needs no edit here. Run one with
-``bnlib.experiments.run("speed")`` or ``python -m bnlib run speed --scale full``.
+Each chapter's experiments live in their own module of this package (found automatically);
+nothing in a chapter module imports another chapter module. Run one with
+``bnlib.experiments.run("speed", scale="quick", **{"train.lr": 0.1})`` or
+``python -m bnlib run speed train.lr=0.1``: both resolve the config the same way and share the
+results cache (:mod:`bnlib.cache`), so a result computed once (by nbval, by the book build, by
+the command line) is reused everywhere until the library or the config changes.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import dataclasses
+import datetime as dt
 import hashlib
 import importlib
 import itertools
 import json
 import pkgutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .. import progress
+from .. import cache, progress, runtime
 from .. import scale as current_scale
+from ..config import ConfigError, config_hash, override, to_dict
 
-__all__ = ["Config", "Experiment", "register", "get", "names", "run", "sweep", "checkpointing",
-           "config_hash"]
+__all__ = ["Config", "Experiment", "register", "get", "names", "run", "resolve", "sweep",
+           "checkpointing", "config_hash", "ConfigError", "override"]
 
 
 @dataclass(frozen=True)
 class Config:
     """Base of every experiment config: the seeds to run and the device to run on.
 
-    ``quick()`` is the default preset (≤ a minute on 2 CPU cores); ``full()`` is the
-    larger run meant for a GPU. Subclasses add their own fields and override ``full()``.
+    The class's defaults are the ``quick`` preset (≤ a minute on 2 CPU cores); ``full()`` is
+    the larger run meant for a GPU. Subclasses add their own fields and override ``full()``.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -63,18 +71,13 @@ class Config:
 
     @classmethod
     def preset(cls, scale: str | None = None, **overrides: Any) -> "Config":
-        """The ``quick`` or ``full`` preset (default: ``bnlib.scale()``), with overrides."""
+        """The ``quick`` or ``full`` preset (default: ``bnlib.scale()``), with overrides
+        (dotted keys such as ``"train.lr"`` reach into nested specs)."""
         scale = scale or current_scale()
         if scale not in ("quick", "full"):
             raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
         base = cls.quick() if scale == "quick" else cls.full()
-        return dataclasses.replace(base, **overrides) if overrides else base
-
-
-def config_hash(cfg: Config) -> str:
-    """A short stable hash of a config's values (names checkpoint folders)."""
-    blob = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return override(base, overrides) if overrides else base
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class Experiment:
     def run(self, cfg: Config | None = None, **overrides: Any) -> pd.DataFrame:
         cfg = cfg if cfg is not None else self.config.preset(**overrides)
         if overrides and cfg is not None:
-            cfg = dataclasses.replace(cfg, **overrides)
+            cfg = override(cfg, overrides)
         return self.fn(cfg)
 
 
@@ -133,10 +136,58 @@ def get(name: str) -> Experiment:
     return _REGISTRY[name]
 
 
-def run(name: str, scale: str | None = None, **overrides: Any) -> pd.DataFrame:
-    """Run experiment ``name`` at ``scale`` (default ``bnlib.scale()``) with config overrides."""
+def _dotted(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Python keyword overrides: ``train__lr=0.1`` means ``train.lr``."""
+    return {k.replace("__", "."): v for k, v in overrides.items()}
+
+
+def resolve(name: str, scale: str | None = None,
+            overrides: Mapping[str, Any] | Iterable[str] | None = None, **kw: Any) -> Config:
+    """The config experiment ``name`` runs with: its preset at ``scale``, then the overrides."""
     exp = get(name)
-    return exp.fn(exp.config.preset(scale, **overrides))
+    cfg = exp.config.preset(scale)
+    cfg = override(cfg, overrides)
+    return override(cfg, _dotted(kw))
+
+
+_MEMO: dict[str, tuple[pd.DataFrame, dict]] = {}
+
+
+def run(name: str, scale: str | None = None, *, cache_results: bool = True,
+        overrides: Mapping[str, Any] | Iterable[str] | None = None, **kw: Any) -> pd.DataFrame:
+    """Run experiment ``name`` (or fetch its cached result) and return the tidy DataFrame.
+
+    ``scale`` is ``"quick"`` or ``"full"`` (default ``bnlib.scale()``); ``overrides`` and
+    keyword arguments override config fields (``seeds=(0, 1)``, ``train__lr=0.1``). The run
+    uses bnlib's thread count, so the result does not depend on the machine's settings. The
+    result's ``attrs["provenance"]`` says where, when and how it was first computed, and
+    ``attrs["config"]`` holds the resolved config.
+    """
+    from ..provenance import record
+    from ..train import resolve_device
+    exp = get(name)
+    cfg = resolve(name, scale, overrides, **kw)
+    device = resolve_device(getattr(cfg, "device", "auto"))
+    k = cache.key(name, cfg, device.type)
+    hit = _MEMO.get(k) or (cache.load(name, k) if cache_results else None)
+    if hit is None:
+        started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+        with runtime.pinned_threads():
+            df = exp.fn(cfg)
+        seconds = time.perf_counter() - t0
+        command = " ".join(["python -m bnlib run", name, "--scale", scale or current_scale(),
+                            *(f"{k}={v}" for k, v in sorted(_dotted(kw).items()))])
+        prov = record(device=device, started=started, seconds=seconds, experiment=name,
+                      command=command,
+                      scale=scale or current_scale(), config=to_dict(cfg), rows=len(df),
+                      cache_key=k)
+        if cache_results:
+            cache.save(name, k, df, prov)
+        hit = (df, prov)
+    _MEMO[k] = hit
+    df = hit[0].copy()
+    df.attrs = {"provenance": hit[1], "config": cfg}
+    return df
 
 
 # --- sweeps ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..inference import fold_batchnorm
 from ..models import cnn, mlp
 from ..train import resolve_device, seeded
 from . import Config, register
-from .speed import paired_ratio, step_phases, time_interleaved
+from ..timing import paired_ratio, step_phases, time_interleaved
 
 __all__ = ["CostConfig", "FoldConfig", "step_cost", "fold_speedup", "intensity_table",
            "cost_devices", "overheads", "COST_ARMS"]

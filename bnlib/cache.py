@@ -1,0 +1,111 @@
+"""The results cache: an experiment's result, keyed by everything that determines it.
+
+A result is a deterministic function of the experiment's name, its resolved config, bnlib's
+source code, torch's version and the device type (bnlib runs with a fixed thread count; see
+:mod:`bnlib.runtime`). :func:`key` hashes exactly that, so a notebook under nbval, the same
+notebook in the book build and ``python -m bnlib run`` share one computation, and any edit to
+the library invalidates every entry. Entries live in ``$BNLIB_CACHE`` (default
+``~/.cache/bnlib/results``): ``<name>-<key>.pkl`` (the DataFrame) and ``.json`` (provenance:
+how, where and when it was computed, and how long it took the first time).
+
+Recorded results are the other kind of stored result: a committed CSV with its provenance
+under ``recorded/<name>/<scale>/`` in the repository (e.g. a full-scale run made on a GPU),
+which the book can show in place of a computation it could not afford (:func:`load_recorded`).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .config import to_dict
+
+__all__ = ["key", "folder", "load", "save", "code_hash", "load_recorded", "recorded_folder"]
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """A hash of bnlib's own source files (any edit to the library changes it)."""
+    h = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        h.update(str(path.relative_to(_PACKAGE)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def folder() -> Path:
+    """Where cached results live: ``$BNLIB_CACHE`` or ``~/.cache/bnlib/results``."""
+    root = os.environ.get("BNLIB_CACHE")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bnlib" / "results"
+
+
+def key(name: str, cfg: Any, device: str) -> str:
+    """The cache key of experiment ``name`` run with ``cfg`` on a ``device`` type."""
+    blob = json.dumps({"name": name, "config": to_dict(cfg), "code": code_hash(),
+                       "torch": torch.__version__, "device": device},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _paths(name: str, k: str) -> tuple[Path, Path]:
+    base = folder() / f"{name}-{k}"
+    return base.with_suffix(".pkl"), base.with_suffix(".json")
+
+
+def load(name: str, k: str) -> tuple[pd.DataFrame, dict] | None:
+    """The cached result and its provenance, or ``None``."""
+    pkl, meta = _paths(name, k)
+    if not (pkl.exists() and meta.exists()):
+        return None
+    try:
+        return pd.read_pickle(pkl), json.loads(meta.read_text())
+    except Exception:  # a truncated or foreign file is a cache miss, never an error
+        return None
+
+
+def save(name: str, k: str, df: pd.DataFrame, provenance: dict) -> None:
+    """Store a result atomically (a reader never sees half a file)."""
+    pkl, meta = _paths(name, k)
+    pkl.parent.mkdir(parents=True, exist_ok=True)
+    stem = f".{os.getpid()}.tmp"
+    frame = df.copy()
+    frame.attrs = {}
+    frame.to_pickle(pkl.with_suffix(stem))
+    pkl.with_suffix(stem).replace(pkl)
+    tmp = meta.with_suffix(stem)
+    tmp.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+    tmp.replace(meta)
+
+
+def recorded_folder(name: str, scale: str) -> Path:
+    """``recorded/<name>/<scale>/`` in the repository that holds bnlib."""
+    return _PACKAGE.parent / "recorded" / name / scale
+
+
+def load_recorded(name: str, scale: str = "full") -> tuple[pd.DataFrame, dict] | None:
+    """A committed, recorded result (``result.csv`` + ``provenance.json``), or ``None``.
+
+    The provenance must state the device, the versions, the command and the date: a recorded
+    number without them is not allowed in the book.
+    """
+    base = recorded_folder(name, scale)
+    csv, meta = base / "result.csv", base / "provenance.json"
+    if not (csv.exists() and meta.exists()):
+        return None
+    prov = json.loads(meta.read_text())
+    missing = [k for k in ("device_name", "torch_version", "bnlib_version", "command", "started")
+               if not prov.get(k)]
+    if missing:
+        raise ValueError(f"recorded result {base} lacks provenance fields: {', '.join(missing)}")
+    return pd.read_csv(csv), prov

@@ -1,0 +1,183 @@
+"""The experiment protocol: arms × grid × seeds of one config, trained with one ``fit``.
+
+A :class:`Protocol` config holds the data set's name, a model spec, a training spec, the arms
+(name → overrides of the config, e.g. ``{"model.norm": "batch"}``), the reported seeds and a
+:class:`Tuning` block. :func:`runs` trains every (arm, grid point, seed), many at once where the
+stacked engine supports the network (:mod:`bnlib.stacked`), one by one otherwise, and returns
+one tidy history. :func:`tuned` chooses each arm's hyperparameter on the validation split with
+the tuning seeds (never the reported ones; never at the edge of the grid unless the config
+allows it) and then trains the reported seeds at the choice.
+
+Result frames carry a ``kind`` column (``"history"``, ``"tuning"``, or a chapter's own kinds
+such as ``"timing"``); read a kind with :func:`rows`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+
+from . import data as datasets
+from . import progress
+from .config import override
+from .experiments import Config
+from .models import CNNSpec, MLPSpec
+from .train import TrainSpec, fit
+
+__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "runs", "tuned", "rows", "column"]
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a hyperparameter is chosen: on the validation split, by seeds disjoint from the
+    reported ones, and never at the edge of its grid unless ``allow_edge`` says so (a chapter
+    that allows it must say why in its text)."""
+
+    param: str = "train.lr"
+    grid: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    seeds: tuple[int, ...] = (1000, 1001, 1002)
+    objective: str = "final"          # "final" metric, "speed" (restricted mean time to target)
+    metric: str = "accuracy"          # or "reached" (fraction that got there, then speed)
+    target: float | None = None       # the metric's target, for "speed" and "reached"
+    allow_edge: bool = False
+
+
+def _default_arms() -> dict[str, dict[str, Any]]:
+    return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"}}
+
+
+@dataclass(frozen=True)
+class Protocol(Config):
+    """An experiment on the protocol: data, model, training, arms, seeds and tuning."""
+
+    data: str = "digits"
+    preprocessing: str = "scaled"
+    n_train: int | None = None
+    model: MLPSpec | CNNSpec = MLPSpec()
+    train: TrainSpec = TrainSpec()
+    arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
+    seeds: tuple[int, ...] = tuple(range(8))
+    tuning: Tuning = Tuning()
+
+
+def column(key: str) -> str:
+    """The result column of a config key: its last part (``"train.lr"`` → ``"lr"``)."""
+    return key.rsplit(".", 1)[-1]
+
+
+def arm_config(cfg: Protocol, arm: str) -> Protocol:
+    """``cfg`` with arm ``arm``'s overrides applied."""
+    if arm not in cfg.arms:
+        raise KeyError(f"no arm {arm!r}; arms: {', '.join(cfg.arms)}")
+    return override(cfg, cfg.arms[arm])
+
+
+_DATA: dict[tuple, datasets.Dataset] = {}
+
+
+def load_data(cfg: Protocol) -> datasets.Dataset:
+    """The config's data set (loaded once per process)."""
+    k = (cfg.data, cfg.preprocessing, cfg.n_train)
+    if k not in _DATA:
+        _DATA[k] = datasets.load(cfg.data, preprocessing=cfg.preprocessing, n_train=cfg.n_train)
+    return _DATA[k]
+
+
+def _train_spec(cfg: Protocol) -> TrainSpec:
+    if cfg.device != "auto" and cfg.train.device == "auto":
+        return dataclasses.replace(cfg.train, device=cfg.device)
+    return cfg.train
+
+
+def _stacked():
+    try:
+        from . import stacked
+    except ImportError:
+        return None
+    return stacked
+
+
+def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
+         grid: Mapping[str, Sequence[Any]] | None = None, arms: Sequence[str] | None = None,
+         callbacks: Callable[[], Sequence[Callable]] | None = None,
+         stacked: bool = True) -> pd.DataFrame:
+    """Train every arm × grid point × seed and return the stacked histories.
+
+    ``grid`` maps config keys to values (``{"train.lr": (0.01, 0.1)}``); each key becomes a
+    column named by its last part. Arms are paired: for a given seed every arm and grid
+    point starts from the same random stream and sees the same batches. Runs that the stacked
+    engine supports (plain and batch-norm MLPs with SGD, no probes) train together as one
+    model; the rest train one by one. ``callbacks()`` makes fresh probes for each run (and
+    forces sequential runs).
+    """
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    grid = dict(grid or {})
+    names = list(cfg.arms if arms is None else arms)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    engine = _stacked() if stacked and callbacks is None else None
+    frames = []
+    for arm in names:
+        acfg = arm_config(cfg, arm)
+        by_rest: dict[str, list[dict]] = {}
+        for point in points:  # group points that differ only in the learning rate
+            rest = {k: v for k, v in point.items() if k != "train.lr"}
+            by_rest.setdefault(repr(sorted(rest.items())), []).append(point)
+        for group in by_rest.values():
+            base = override(acfg, {k: v for k, v in group[0].items() if k != "train.lr"})
+            data = load_data(base)
+            spec = _train_spec(base)
+            lrs = [p.get("train.lr", spec.lr) for p in group]
+            extra = {column(k): v for k, v in group[0].items() if k != "train.lr"}
+            if engine is not None and engine.supports(base.model, spec):
+                members = [engine.Member(seed=s, lr=lr) for s in seeds for lr in lrs]
+                histories = engine.fit_many(base.model, spec, data, members)
+                for m, h in zip(members, histories):
+                    frames.append(h.assign(arm=arm, seed=m.seed, **extra,
+                                           **({"lr": m.lr} if "train.lr" in grid else {})))
+                continue
+            cells = [(s, lr) for s in seeds for lr in lrs]
+            for s, lr in progress.bar(cells, total=len(cells), desc=arm):
+                h = fit(base.model, dataclasses.replace(spec, lr=lr), data, s,
+                        callbacks=callbacks() if callbacks else ())
+                h.attrs.pop("model", None)
+                frames.append(h.assign(arm=arm, seed=s, **extra,
+                                       **({"lr": lr} if "train.lr" in grid else {})))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return df.assign(kind="history")
+
+
+def tuned(cfg: Protocol, *, arms: Sequence[str] | None = None) -> pd.DataFrame:
+    """Tune ``cfg.tuning.param`` per arm on the validation split with the tuning seeds,
+    then train the reported seeds at each arm's choice.
+
+    Returns the tuning runs (``kind == "tuning"``, with the grid column) and the reported
+    runs (``kind == "history"``, with the chosen value in the same column). Raises
+    :class:`bnlib.analysis.GridEdgeError` when a choice lies at the edge of the grid and the
+    config does not allow it.
+    """
+    from . import analysis
+    t = cfg.tuning
+    col = column(t.param)
+    sweep = runs(cfg, seeds=t.seeds, grid={t.param: t.grid}, arms=arms).assign(kind="tuning")
+    choice = analysis.tune(sweep, param=col, metric=t.metric, objective=t.objective,
+                           target=t.target, by=("arm",), allow_edge=t.allow_edge,
+                           seeds=t.seeds, report_seeds=cfg.seeds)
+    frames = [sweep]
+    for arm, value in zip(choice["arm"], choice[col]):
+        rep = runs(override(cfg, {t.param: value}), arms=[arm])
+        frames.append(rep.assign(**{col: value}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def rows(df: pd.DataFrame, kind: str = "history") -> pd.DataFrame:
+    """The rows of one kind (``history``, ``tuning``, ``timing``, ...), without the columns
+    that only other kinds use."""
+    if "kind" not in df:
+        raise KeyError("this result has no 'kind' column")
+    out = df[df["kind"] == kind]
+    if out.empty:
+        raise KeyError(f"no rows of kind {kind!r}; kinds: {', '.join(map(str, df['kind'].unique()))}")
+    return out.dropna(axis=1, how="all").reset_index(drop=True)
