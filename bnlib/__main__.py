@@ -106,6 +106,7 @@ def _run(args, argv: list[str]) -> int:
         files.append(f"{exp.name}.png")
     prov["command"] = " ".join(shlex.quote(a) for a in ["python", "-m", "bnlib", *argv])
     prov["config"] = to_dict(cfg)
+    prov["seeds"] = list(getattr(cfg, "seeds", ()))
     prov["files"] = files
     (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
     print(f"{exp.name}: {len(df)} rows (computed in {prov['duration_seconds']:.1f} s on "
