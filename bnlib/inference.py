@@ -9,18 +9,21 @@ from torch import Tensor, nn
 
 from .nn import batchnorm_layers
 
-__all__ = ["recompute_batchnorm_stats", "batch_statistics", "fold_batchnorm"]
+__all__ = ["recompute_batchnorm_stats", "batch_statistics", "fold_batchnorm", "evaluate"]
 
 
 @torch.no_grad()
 def recompute_batchnorm_stats(model: nn.Module, x: Tensor, *, batch_size: int = 256,
                               max_samples: int | None = None) -> nn.Module:
-    """Replace every BN's running statistics by an exact average over ``x`` ("precise BN").
+    """Replace every BN's running statistics by the exact statistics of ``x`` ("precise BN").
 
-    The weights are fixed; each BN's buffers are reset and rebuilt as a cumulative average
-    (``momentum=None``) over the batches of ``x``, so the statistics describe *these*
-    weights rather than a lagging moving average. A few thousand samples suffice. The
-    model is returned in eval mode; BN momenta are restored.
+    The weights are fixed. Layer by layer, in the order the network uses them, each BN's
+    input is collected in eval mode (the earlier layers already hold their new statistics,
+    so this is the input the BN will see at inference) and its mean and unbiased variance
+    are pooled over all of ``x`` in float64 (Chan's merge of per-chunk counts, means and
+    sums of squares: exact, including the spread of the chunk means and a short last
+    chunk). The statistics then describe *these* weights rather than a lagging moving
+    average. The model is returned in eval mode; ``num_batches_tracked`` is left as it was.
     """
     layers = batchnorm_layers(model)
     if not layers:
@@ -28,26 +31,103 @@ def recompute_batchnorm_stats(model: nn.Module, x: Tensor, *, batch_size: int = 
     if batch_size < 2:
         raise ValueError("batch_size must be at least 2")
     x = x[:max_samples] if max_samples is not None else x
-    if len(x) < 2:  # no batch to average: the statistics would be silently reset to 0 and 1
+    if len(x) < 2:  # no statistics to pool: they would be silently reset to 0 and 1
         raise ValueError(f"need at least 2 samples to recompute BN statistics, got {len(x)}")
     if any(not bn.track_running_stats for bn in layers):  # check all before changing any
         raise ValueError("a BN layer with track_running_stats=False has no statistics to recompute")
-    momenta = [bn.momentum for bn in layers]
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    try:
-        dev = next(model.parameters()).device
-        for i in range(0, len(x) - 1, batch_size):
-            chunk = x[i:i + batch_size]
-            if len(chunk) >= 2:
-                model(chunk.to(dev))
-    finally:
-        for bn, m in zip(layers, momenta):
-            bn.momentum = m
-        model.eval()
+    model.eval()
+    dev = next(model.parameters()).device
+    for bn in _in_call_order(model, layers, x[:2].to(dev)):
+        n, mean, m2 = 0, None, None
+
+        def hook(module, inputs):
+            nonlocal n, mean, m2
+            h = inputs[0].detach().double().transpose(0, 1).reshape(bn.num_features, -1)
+            nb, mb = h.shape[1], h.mean(1)
+            m2b = ((h - mb[:, None]) ** 2).sum(1)
+            if mean is None:
+                n, mean, m2 = nb, mb, m2b
+            else:
+                delta, tot = mb - mean, n + nb
+                mean = mean + delta * nb / tot
+                m2 = m2 + m2b + delta ** 2 * n * nb / tot
+                n = tot
+
+        handle = bn.register_forward_pre_hook(hook)
+        try:
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size].to(dev))
+        finally:
+            handle.remove()
+        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+        bn.running_var.copy_((m2 / max(n - 1, 1)).to(bn.running_var.dtype))
     return model
+
+
+def _in_call_order(model: nn.Module, layers: list[nn.Module], x: Tensor) -> list[nn.Module]:
+    """The BN layers in the order a forward pass calls them (module order can differ)."""
+    order: list[nn.Module] = []
+    handles = [bn.register_forward_pre_hook(lambda m, i: order.append(m) if m not in order else None)
+               for bn in layers]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [bn for bn in layers if bn not in order]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split, *, statistics: str = "running", batch_size: int = 2048,
+             order: str = "given", seed: int = 0, loss=None) -> tuple[float, float]:
+    """Loss and accuracy of ``model`` on ``split`` (a :class:`bnlib.data.Split`): the one
+    evaluator of the book.
+
+    ``statistics="running"``: eval mode, each BN uses its stored statistics, so how the
+    split is cut into batches does not matter. ``statistics="batch"``: each BN normalises
+    with the statistics of the batch of ``batch_size`` it is given (running statistics
+    untouched), so the answer depends on the batches: ``order="given"``, ``"shuffled"`` (a
+    seeded random order) or ``"class_sorted"`` (batches of mostly one class); a last batch
+    of one example is skipped (it has no batch statistics). Classification targets give
+    cross-entropy and accuracy; regression targets mean squared error and NaN. The model's
+    mode is restored.
+    """
+    import torch.nn.functional as F
+    if statistics not in ("running", "batch"):
+        raise ValueError(f"statistics must be 'running' or 'batch', got {statistics!r}")
+    if order not in ("shuffled", "class_sorted", "given"):
+        raise ValueError(f"order must be 'shuffled', 'class_sorted' or 'given', got {order!r}")
+    if batch_size < 1 or (statistics == "batch" and batch_size < 2):
+        raise ValueError(f"batch_size must be at least {2 if statistics == 'batch' else 1}")
+    x, y = split.x, split.y
+    classification = not y.is_floating_point()
+    loss = loss or (F.cross_entropy if classification else F.mse_loss)
+    if order == "shuffled":
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
+        x, y = x[idx], y[idx]
+    elif order == "class_sorted":
+        idx = torch.argsort(y.cpu(), stable=True).to(y.device)
+        x, y = x[idx], y[idx]
+    was = model.training
+    model.eval()
+    ctx = batch_statistics(model) if statistics == "batch" else contextlib.nullcontext()
+    total, correct, seen = 0.0, 0, 0
+    try:
+        with ctx:
+            for i in range(0, len(y), batch_size):
+                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+                if statistics == "batch" and len(yb) < 2:
+                    continue
+                out = model(xb)
+                total += loss(out, yb, reduction="sum").item()
+                if classification:
+                    correct += (out.argmax(1) == yb).sum().item()
+                seen += len(yb)
+    finally:
+        model.train(was)
+    if not classification:
+        return total / (seen * y[0].numel()), float("nan")
+    return total / seen, correct / seen
 
 
 @contextlib.contextmanager

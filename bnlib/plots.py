@@ -1,7 +1,9 @@
-"""One look for every figure of the book, and the plot helpers the chapters share.
+"""One look for every figure of the book, one vocabulary of arm names and one palette.
 
-Each helper takes a tidy DataFrame (as returned by the experiments) and an optional
-matplotlib ``ax``, draws, and returns the ``ax``. Bands are the spread over seeds.
+The ``draw_*`` helpers take a tidy DataFrame (as returned by the experiments) and an optional
+matplotlib ``ax``, draw, and return the ``ax``; a registered experiment's ``plot(df)`` returns
+a Figure. Bands are the spread over seeds. Arms are named from :data:`ARMS` (the book's
+vocabulary) and every figure colours an arm the same way (:func:`color`).
 """
 from __future__ import annotations
 
@@ -13,11 +15,37 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-__all__ = ["set_theme", "learning_curves", "sweep", "percentile_bands", "ARM_COLORS", "new_axes",
-           "facets"]
+__all__ = ["set_theme", "draw_curves", "draw_sweep", "draw_percentiles", "learning_curves",
+           "sweep", "percentile_bands", "ARMS", "ARM_COLORS", "color", "new_axes", "facets"]
 
-ARM_COLORS = {"plain": "#7f7f7f", "no BN": "#7f7f7f", "none": "#7f7f7f",
-              "BN": "#1f77b4", "batch": "#1f77b4", "bn": "#1f77b4"}
+# The book's arm names, each with its colour (colour-blind palette): one vocabulary everywhere.
+ARMS: dict[str, str] = {
+    "plain": "#7f7f7f",          # no normaliser
+    "BN": "#0173b2",             # batch norm (before the activation unless the arm says)
+    "BN after": "#56b4e9",       # batch norm after the activation
+    "ghost BN": "#029e73",       # batch norm over virtual (ghost) batches
+    "noisy BN": "#cc78bc",       # batch norm with injected noise (chapter 6)
+    "LN": "#de8f05",             # layer norm
+    "GN": "#d55e00",             # group norm
+    "BRN": "#ca9161",            # batch renormalization
+    "WS+GN": "#fbafe4",          # weight standardization with group norm
+    "SkipInit": "#949494",       # no normaliser, residual branches scaled from zero
+    "residual": "#ece133",       # residual connections, no normaliser
+    "residual + BN": "#012f55",  # residual connections and batch norm
+    "dropout": "#a3573a",        # dropout, no normaliser
+    "BN + dropout": "#6a3d9a",   # batch norm and dropout
+    "folded": "#ff7f0e",         # BN folded into the preceding layer
+    "standardized input": "#b15928",
+}
+# Older names that still appear in some results, mapped to the vocabulary.
+ALIASES = {"no BN": "plain", "none": "plain", "batch": "BN", "bn": "BN", "layer": "LN",
+           "group": "GN", "BN (torch)": "BN", "BN (bnlib)": "ghost BN"}
+ARM_COLORS = {**ARMS, **{k: ARMS[v] for k, v in ALIASES.items()}}
+
+
+def color(arm: str) -> str:
+    """The colour of ``arm`` in every figure of the book."""
+    return ARM_COLORS.get(arm) or ARM_COLORS.get(str(arm)) or "#333333"
 
 
 def set_theme() -> None:
@@ -57,7 +85,7 @@ def _palette(values: Sequence) -> dict:
     return out
 
 
-def learning_curves(df: pd.DataFrame, *, x: str = "step", y: str = "accuracy",
+def draw_curves(df: pd.DataFrame, *, x: str = "step", y: str = "accuracy",
                     hue: str = "arm", split: str | None = "val", errorbar=("sd", 1),
                     ax=None, logy: bool = False, title: str | None = None,
                     palette: dict | None = None):
@@ -72,7 +100,7 @@ def learning_curves(df: pd.DataFrame, *, x: str = "step", y: str = "accuracy",
     return ax
 
 
-def sweep(df: pd.DataFrame, *, x: str, y: str, hue: str = "arm", logx: bool = True,
+def draw_sweep(df: pd.DataFrame, *, x: str, y: str, hue: str = "arm", logx: bool = True,
           diverged: str | None = "diverged", errorbar=("sd", 1), ax=None, title: str | None = None,
           palette: dict | None = None):
     """A metric against a swept value, one line per ``hue``, mean ± sd over seeds.
@@ -95,7 +123,7 @@ def sweep(df: pd.DataFrame, *, x: str, y: str, hue: str = "arm", logx: bool = Tr
     return ax
 
 
-def percentile_bands(df: pd.DataFrame, *, x: str = "step", hue: str = "arm",
+def draw_percentiles(df: pd.DataFrame, *, x: str = "step", hue: str = "arm",
                      lo: str = "p15", mid: str = "p50", hi: str = "p85", ax=None,
                      title: str | None = None):
     """The median as a line and the band between two percentiles, per ``hue``
@@ -111,6 +139,10 @@ def percentile_bands(df: pd.DataFrame, *, x: str = "step", hue: str = "arm",
     ax.legend()
     ax.set_title(title or "")
     return ax
+
+
+# the names the chapters used before the draw_* convention
+learning_curves, sweep, percentile_bands = draw_curves, draw_sweep, draw_percentiles
 
 
 if matplotlib.get_backend().lower() == "agg":  # headless runs: no interactive surprises

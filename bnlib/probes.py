@@ -12,6 +12,7 @@ restored around every probe forward pass.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from .nn import batchnorm_layers
 
-__all__ = ["activation_stats", "PercentileTracker", "gradient_norms", "weight_norms",
+__all__ = ["Probe", "WeightNormTracker", "activation_stats", "PercentileTracker", "gradient_norms", "weight_norms",
            "frozen_batchnorm_buffers", "capture"]
 
 
@@ -85,7 +86,30 @@ def activation_stats(model: nn.Module, x: Tensor, modules: Mapping[str, nn.Modul
     return pd.DataFrame(rows)
 
 
-class PercentileTracker:
+class Probe:
+    """Base of the training callbacks that measure something while a network trains.
+
+    :func:`bnlib.train.fit` (and ``train``) calls ``on_train_start(model)`` once with the
+    untrained network, then the probe with a :class:`bnlib.train.StepInfo` after every
+    optimiser step; a probe appends dicts to ``self.rows`` and :meth:`frame` returns them as
+    a tidy table. A probe must leave the model's mode and batch-norm buffers as it found them
+    (:func:`frozen_batchnorm_buffers` helps).
+    """
+
+    rows: list[dict]
+
+    def on_train_start(self, model: nn.Module) -> None:
+        """Called once before the first step (default: nothing)."""
+
+    def __call__(self, info) -> None:  # pragma: no cover - subclasses implement it
+        raise NotImplementedError
+
+    def frame(self) -> pd.DataFrame:
+        """One row per recorded measurement."""
+        return pd.DataFrame(self.rows)
+
+
+class PercentileTracker(Probe):
     """Training callback: percentiles of one unit's input to ``module`` on a fixed batch.
 
     ``tracker = PercentileTracker(model.blocks[-1].act, probe_x, unit=0, every=50)``;
@@ -119,10 +143,6 @@ class PercentileTracker:
         if info.step % self.every == 0:
             self.record(info.step, info.model)
 
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
-
-
 def gradient_norms(model: nn.Module, x: Tensor, y: Tensor, layers: Sequence[nn.Module] | None = None,
                    loss: Callable = F.cross_entropy) -> np.ndarray:
     """‖∂L/∂W‖ for each weight layer (default ``model.weight_layers()``), input side first.
@@ -143,3 +163,70 @@ def weight_norms(model: nn.Module, layers: Sequence[nn.Module] | None = None) ->
     """‖W‖ (Frobenius) of each weight layer, input side first."""
     layers = list(layers if layers is not None else model.weight_layers())
     return np.array([layer.weight.detach().norm().item() for layer in layers])
+
+
+class WeightNormTracker(Probe):
+    """Training callback: how the norms of some weight matrices evolve, and whether each
+    gradient is orthogonal to its weight.
+
+    Every ``every`` steps it records, per layer: ``w_norm`` = ‖W_t‖ (Frobenius),
+    ``w_ratio`` = ‖W_t‖/‖W_0‖, ``eff_lr`` = η·(‖W_0‖/‖W_t‖)² (the learning rate that, at
+    the initial weight scale, would make the same *angular* step: for a scale-invariant
+    weight this is the step that matters) and ``cos_wg`` = cos(W_{t−1}, ∇L(W_{t−1})), the
+    cosine between the weight *before* step t and the gradient taken there (0 for a
+    weight followed by batch norm, up to BN's ε and rounding).
+
+    ``tracker = WeightNormTracker([b.layer for b in net.blocks], lr=0.1, every=10)``;
+    pass it to ``train(..., callbacks=[tracker])``; read ``tracker.frame()`` (per layer)
+    or ``tracker.summary()`` (one row per recorded step, averaged over layers).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], *, lr: float, every: int = 1) -> None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("give at least one layer to track")
+        if not all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in layers):
+            raise ValueError("every tracked layer needs a .weight tensor")
+        if every < 1:
+            raise ValueError(f"every must be ≥ 1, got {every}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a positive finite number, got {lr}")
+        self.layers, self.lr, self.every = layers, float(lr), int(every)
+        self.w0 = [m.weight.detach().norm().item() for m in layers]
+        self._prev = [m.weight.detach().clone() for m in layers]   # W before step 1
+        self._prev_step = 0
+        self.rows: list[dict] = [
+            {"step": 0, "layer": i, "w_norm": n, "w_ratio": 1.0, "eff_lr": self.lr,
+             "lr_over_w2": self.lr / n ** 2 if n > 0 else math.nan, "cos_wg": math.nan}
+            for i, n in enumerate(self.w0)]
+
+    @torch.no_grad()
+    def __call__(self, info: StepInfo) -> None:
+        step = info.step
+        if step % self.every == 0:
+            have_prev = self._prev_step == step - 1
+            for i, m in enumerate(self.layers):
+                w, g = m.weight.detach(), m.weight.grad
+                norm = w.norm().item()
+                cos = math.nan
+                if have_prev and g is not None:
+                    prev = self._prev[i]
+                    denom = prev.norm().item() * g.norm().item()
+                    cos = (prev * g).sum().item() / denom if denom > 0 else math.nan
+                ratio = norm / self.w0[i] if self.w0[i] > 0 else math.nan
+                self.rows.append({"step": step, "layer": i, "w_norm": norm, "w_ratio": ratio,
+                                  "eff_lr": self.lr / ratio ** 2 if ratio > 0 else math.nan,
+                                  "lr_over_w2": self.lr / norm ** 2 if norm > 0 else math.nan,
+                                  "cos_wg": cos})
+        if (step + 1) % self.every == 0:    # keep W_t: the weight before the next recorded step
+            self._prev = [m.weight.detach().clone() for m in self.layers]
+            self._prev_step = step
+
+    def summary(self) -> pd.DataFrame:
+        """One row per recorded step: ``w_ratio`` and ``eff_lr`` averaged over layers and
+        ``cos_wg`` as the largest |cosine| over layers."""
+        f = self.frame()
+        f["abs_cos"] = f["cos_wg"].abs()
+        out = f.groupby("step").agg(w_ratio=("w_ratio", "mean"), eff_lr=("eff_lr", "mean"),
+                                    cos_wg=("abs_cos", "max")).reset_index()
+        return out

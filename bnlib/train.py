@@ -93,25 +93,12 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterable[Ten
             yield perm[i:i + batch_size]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, split: Split, *, loss: Callable | None = None,
              batch_size: int = 2048, classification: bool = True) -> tuple[float, float]:
-    """Loss and accuracy of ``model`` on ``split`` in eval mode (mode restored after)."""
-    was_training = model.training
-    model.eval()
-    loss = loss or (F.cross_entropy if classification else F.mse_loss)
-    total, correct = 0.0, 0
-    for i in range(0, len(split), batch_size):
-        x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
-        out = model(x)
-        total += loss(out, y, reduction="sum").item()
-        if classification:
-            correct += (out.argmax(1) == y).sum().item()
-    model.train(was_training)
-    n = len(split)
-    if not classification:
-        return total / (n * split.y[0].numel()), float("nan")
-    return total / n, correct / n
+    """Loss and accuracy of ``model`` on ``split`` in eval mode (mode restored after): the
+    engine's call into :func:`bnlib.inference.evaluate`, the book's one evaluator."""
+    from .inference import evaluate as _evaluate
+    return _evaluate(model, split, batch_size=batch_size, loss=loss)
 
 
 @dataclass

@@ -29,39 +29,45 @@ def _bn_inputs(model, x):
     return [seen[str(i)] for i in range(len(layers))]
 
 
+def _eval_bn_inputs(model, x):
+    """Every BN's input on ``x`` in one eval-mode pass (what inference will feed it)."""
+    seen = []
+    hooks = [bn.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().double()))
+             for bn in bnn.batchnorm_layers(model)]
+    model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 @pytest.mark.parametrize("impl", ["bnlib", "torch"])
-def test_precise_bn_is_the_average_over_the_data(impl):
+def test_precise_bn_is_exact_over_the_data(impl):
+    """Pooled over chunks of 16 (a short last chunk included) = computed on all of x at once."""
     model = _net(impl)
     model.blocks[0].norm.momentum = 0.3
-    x = torch.randn(64, 5) * 3 + 2
+    x = torch.randn(70, 5) * 3 + 2
     for _ in range(3):  # stale, lagging running statistics
         model.train()(torch.randn(16, 5))
+    tracked = [int(bn.num_batches_tracked) for bn in bnn.batchnorm_layers(model)]
     out = recompute_batchnorm_stats(model, x, batch_size=16)
     assert out is model and not model.training
     assert model.blocks[0].norm.momentum == 0.3 and model.blocks[1].norm.momentum == 0.1
-    # what every BN saw on each batch of x (a later BN's input depends on the batch, since
-    # the BNs before it normalise with that batch's statistics)
-    per_batch = list(zip(*(_bn_inputs(model, chunk) for chunk in x.split(16))))
-    for bn, inputs in zip(bnn.batchnorm_layers(model), per_batch):
-        assert len(inputs) == 4 and int(bn.num_batches_tracked) == 4
-        # the exact average over the batches, not a moving average
-        torch.testing.assert_close(bn.running_mean, torch.stack([c.mean(0) for c in inputs]).mean(0),
-                                   rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bn.running_var, torch.stack([c.var(0) for c in inputs]).mean(0),
-                                   rtol=1e-5, atol=1e-5)
-    # the first BN sees the same values whatever the batch: its mean is the mean over x
-    torch.testing.assert_close(model.blocks[0].norm.running_mean, _bn_inputs(model, x)[0].mean(0),
-                               rtol=1e-5, atol=1e-5)
+    assert [int(bn.num_batches_tracked) for bn in bnn.batchnorm_layers(model)] == tracked
+    # each BN's statistics are the mean and unbiased variance of the input it sees in eval
+    # mode, over the whole of x: the spread of the chunk means is included, the last chunk
+    # of 6 weighs 6/70
+    for bn, h in zip(bnn.batchnorm_layers(model), _eval_bn_inputs(model, x)):
+        torch.testing.assert_close(bn.running_mean, h.mean(0).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bn.running_var, h.var(0).float(), rtol=1e-5, atol=1e-5)
 
 
-def test_precise_bn_max_samples_and_ragged_tail():
+def test_precise_bn_max_samples():
     model = _net()
     x = torch.randn(50, 5)
     recompute_batchnorm_stats(model, x, batch_size=16, max_samples=33)
-    # 33 samples in batches of 16: 16, 16 and a lone example that a BN cannot use
-    assert int(model.blocks[0].norm.num_batches_tracked) == 2
-    first = _bn_inputs(model, x[:32])[0]
-    torch.testing.assert_close(model.blocks[0].norm.running_mean, first.mean(0), rtol=1e-5, atol=1e-5)
+    h = _eval_bn_inputs(model, x[:33])[0]
+    torch.testing.assert_close(model.blocks[0].norm.running_mean, h.mean(0).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.blocks[0].norm.running_var, h.var(0).float(), rtol=1e-5, atol=1e-5)
 
 
 def test_precise_bn_errors():

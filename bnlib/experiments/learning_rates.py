@@ -29,79 +29,11 @@ from .. import data as datasets
 from ..models import mlp
 from ..stats import steps_to_target
 from ..train import StepInfo, seeded, train
+from ..probes import WeightNormTracker
 from . import Config, register, sweep
 
 __all__ = ["LRSweepConfig", "lr_sweep", "WeightNormTracker", "run_summary", "usable_range",
            "fastest", "weight_history", "plot_lr_sweep", "plot_steps_to_target", "plot_weight_growth"]
-
-
-class WeightNormTracker:
-    """Training callback: how the norms of some weight matrices evolve, and whether each
-    gradient is orthogonal to its weight.
-
-    Every ``every`` steps it records, per layer: ``w_norm`` = ‖W_t‖ (Frobenius),
-    ``w_ratio`` = ‖W_t‖/‖W_0‖, ``eff_lr`` = η·(‖W_0‖/‖W_t‖)² (the learning rate that, at
-    the initial weight scale, would make the same *angular* step: for a scale-invariant
-    weight this is the step that matters) and ``cos_wg`` = cos(W_{t−1}, ∇L(W_{t−1})), the
-    cosine between the weight *before* step t and the gradient taken there (0 for a
-    weight followed by batch norm, up to BN's ε and rounding).
-
-    ``tracker = WeightNormTracker([b.layer for b in net.blocks], lr=0.1, every=10)``;
-    pass it to ``train(..., callbacks=[tracker])``; read ``tracker.frame()`` (per layer)
-    or ``tracker.summary()`` (one row per recorded step, averaged over layers).
-    """
-
-    def __init__(self, layers: Sequence[nn.Module], *, lr: float, every: int = 1) -> None:
-        layers = list(layers)
-        if not layers:
-            raise ValueError("give at least one layer to track")
-        if not all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in layers):
-            raise ValueError("every tracked layer needs a .weight tensor")
-        if every < 1:
-            raise ValueError(f"every must be ≥ 1, got {every}")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a positive finite number, got {lr}")
-        self.layers, self.lr, self.every = layers, float(lr), int(every)
-        self.w0 = [m.weight.detach().norm().item() for m in layers]
-        self._prev = [m.weight.detach().clone() for m in layers]   # W before step 1
-        self._prev_step = 0
-        self.rows: list[dict] = [
-            {"step": 0, "layer": i, "w_norm": n, "w_ratio": 1.0, "eff_lr": self.lr, "cos_wg": math.nan}
-            for i, n in enumerate(self.w0)]
-
-    @torch.no_grad()
-    def __call__(self, info: StepInfo) -> None:
-        step = info.step
-        if step % self.every == 0:
-            have_prev = self._prev_step == step - 1
-            for i, m in enumerate(self.layers):
-                w, g = m.weight.detach(), m.weight.grad
-                norm = w.norm().item()
-                cos = math.nan
-                if have_prev and g is not None:
-                    prev = self._prev[i]
-                    denom = prev.norm().item() * g.norm().item()
-                    cos = (prev * g).sum().item() / denom if denom > 0 else math.nan
-                ratio = norm / self.w0[i] if self.w0[i] > 0 else math.nan
-                self.rows.append({"step": step, "layer": i, "w_norm": norm, "w_ratio": ratio,
-                                  "eff_lr": self.lr / ratio ** 2 if ratio > 0 else math.nan,
-                                  "cos_wg": cos})
-        if (step + 1) % self.every == 0:    # keep W_t: the weight before the next recorded step
-            self._prev = [m.weight.detach().clone() for m in self.layers]
-            self._prev_step = step
-
-    def frame(self) -> pd.DataFrame:
-        """One row per (recorded step, layer)."""
-        return pd.DataFrame(self.rows)
-
-    def summary(self) -> pd.DataFrame:
-        """One row per recorded step: ``w_ratio`` and ``eff_lr`` averaged over layers and
-        ``cos_wg`` as the largest |cosine| over layers."""
-        f = self.frame()
-        f["abs_cos"] = f["cos_wg"].abs()
-        out = f.groupby("step").agg(w_ratio=("w_ratio", "mean"), eff_lr=("eff_lr", "mean"),
-                                    cos_wg=("abs_cos", "max")).reset_index()
-        return out
 
 
 @dataclass(frozen=True)
