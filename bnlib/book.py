@@ -6,9 +6,28 @@ key number so the landing page's scorecard shows what the executed chapter measu
 """
 from __future__ import annotations
 
-__all__ = ["setup", "verdict", "glue"]
+__all__ = ["setup", "verdict", "glue", "Verdict", "VERDICTS"]
 
-VERDICTS = ("true", "partly true", "contested", "misleading", "false", "depends")
+VERDICTS = ("true", "partly true", "contested", "misleading", "false", "depends", "inconclusive")
+
+
+class Verdict(tuple):
+    """``(word, key_number)``, as returned by :func:`verdict`; shows nothing in a notebook
+    (the chapter's admonition states the verdict) so no raw tuple lands on the page."""
+
+    def __new__(cls, word: str, key_number: str) -> "Verdict":
+        return super().__new__(cls, (word, key_number))
+
+    @property
+    def word(self) -> str:
+        return self[0]
+
+    @property
+    def key_number(self) -> str:
+        return self[1]
+
+    def _ipython_display_(self) -> None:
+        return None
 
 
 def setup() -> None:
@@ -18,9 +37,10 @@ def setup() -> None:
     notebook and in the book; an inherited ``MPLBACKEND=Agg`` (common in CI and on
     headless servers) would silently drop every figure, so it is overridden here.
     """
-    from . import plots
+    from . import plots, runtime
     _inline_figures()
     plots.set_theme()
+    runtime.pin_process()
 
 
 def _inline_figures() -> None:
@@ -45,7 +65,7 @@ def glue(key: str, value, display: bool = False) -> None:
     _glue(key, value, display=display)
 
 
-def verdict(claim: str, word: str, key_number: str) -> tuple[str, str]:
+def verdict(claim: str, word: str, key_number: str) -> Verdict:
     """Record the verdict on ``claim`` (e.g. ``"K2"``) for the scorecard.
 
     ``word`` is one of the book's verdict words (``depends`` may be followed by what it
@@ -54,6 +74,18 @@ def verdict(claim: str, word: str, key_number: str) -> tuple[str, str]:
     """
     if not any(word == v or word.startswith(v + " ") for v in VERDICTS):
         raise ValueError(f"verdict must start with one of {VERDICTS}, got {word!r}")
+    _check_number(claim, key_number)
     glue(f"{claim}_verdict", word)
     glue(f"{claim}_number", key_number)
-    return word, key_number
+    return Verdict(word, key_number)
+
+
+def _check_number(claim: str, key_number: str) -> None:
+    """A key number on the scorecard must be a finite measurement: no ``inf``, ``nan`` or a
+    ratio printed as ``0.00x`` (what a run that never arrived used to become)."""
+    import re
+    text = f" {key_number} ".lower()
+    if re.search(r"(?<![a-z])(inf|nan)[x×]?(?![a-z])", text) or re.search(r"(?<![\d.])0\.0+x", text):
+        raise ValueError(f"{claim}: key number {key_number!r} is not a finite measurement")
+    if not re.search(r"\d", key_number):
+        raise ValueError(f"{claim}: key number {key_number!r} holds no number")
