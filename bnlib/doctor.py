@@ -473,7 +473,8 @@ def diagnose(model: nn.Module, example_batch: Any, *, min_values: int = MIN_VALU
             moved = None
     culprits = {f.layer for f in findings if f.code in ("no-running-stats", "train-mode-in-eval")}
     if moved is not None and moved > tolerance:
-        note = f" (measured: sample 0's eval-mode output moved by {moved:.3g}, relative)"
+        note = (f" (measured: in eval mode the model's output for one sample moved by "
+                f"{moved:.3g}, relative, when the rest of the batch changed)")
         findings = [Finding(f.code, f.layer, f.what + note, f.why, f.fix)
                     if f.layer in culprits and f.code in ("no-running-stats", "train-mode-in-eval")
                     else f for f in findings]

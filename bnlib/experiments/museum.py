@@ -271,7 +271,13 @@ def plot_museum(df: pd.DataFrame):
     view = view[view["arm"].isin(["bug", "fix"])]
     mean = view.groupby(["exhibit", "arm"], sort=False)["accuracy"].mean().unstack("arm")
     ax = plt.gca()
-    mean.reindex(columns=["bug", "fix"]).plot.barh(ax=ax, color=["tab:red", "tab:green"])
+    mean = mean.reindex(columns=["bug", "fix"])
+    mean.plot.barh(ax=ax, color=["tab:red", "tab:green"])
+    for i, value in enumerate(mean["bug"]):
+        if value != value:  # NaN: the bug arm crashed
+            ax.text(0.01, i - 0.12, "crashed", va="center", fontsize=8, color="tab:red")
+    ax.invert_yaxis()  # the exhibits top to bottom, in museum order
+    ax.legend(title="", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     ax.set_xlabel("test accuracy (eval mode)")
     ax.set_ylabel("")
     ax.set_xlim(0, 1)
