@@ -162,7 +162,7 @@ def _sandbox(model: nn.Module) -> Iterator[nn.Module]:
         with torch.no_grad():
             live = model.state_dict(keep_vars=True)
             for k, v in saved.items():
-                live[k].data.copy_(v) if isinstance(live[k], nn.Parameter) else live[k].copy_(v)
+                live[k].data.copy_(v)
         for m, t in flags:
             m.training = t
         for p, g in grads:
@@ -610,6 +610,9 @@ def main(argv: Sequence[str]) -> int:
                     "or a (model, example_batch) tuple")
     if args.input_shape is not None and isinstance(made, tuple):
         batch = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
+    ref = next(iter(model.parameters()), None)
+    if ref is not None and isinstance(batch, Tensor):
+        batch = batch.to(ref.device)
     try:
         findings = diagnose(model, batch, min_values=args.min_values)
     except (ValueError, TypeError) as e:
@@ -621,3 +624,7 @@ def main(argv: Sequence[str]) -> int:
         return 1
     print(f"no batch-norm problems found in {args.target}")
     return 0
+
+
+if __name__ == "__main__":  # ``python -m bnlib.doctor TARGET`` until the main CLI routes ``doctor``
+    sys.exit(main(sys.argv[1:]))
