@@ -48,25 +48,43 @@ def color(arm: str) -> str:
     return ARM_COLORS.get(arm) or ARM_COLORS.get(str(arm)) or "#333333"
 
 
+# The book's pages show a figure about 9 inches wide; panels are sized so that text set in
+# points stays readable there: at most three panels a row, each at least 3.6 inches wide.
+PAGE_WIDTH = 11.0
+MAX_COLUMNS = 3
+
+
 def set_theme() -> None:
-    """The book's seaborn theme: white grid, readable fonts, colour-blind palette."""
+    """The book's seaborn theme: white grid, fonts sized for the rendered page, colour-blind palette."""
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind",
                   rc={"figure.figsize": (7.0, 4.0), "figure.dpi": 100, "axes.titleweight": "bold",
+                      "axes.titlesize": 12, "axes.labelsize": 11, "xtick.labelsize": 10,
+                      "ytick.labelsize": 10, "legend.fontsize": 10, "legend.title_fontsize": 10,
                       "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False})
 
 
 def new_axes(ncols: int = 1, nrows: int = 1, width: float = 6.0, height: float = 3.8, **kw):
-    """A figure with ``nrows × ncols`` axes sized for the book's page."""
-    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+    """A figure with ``nrows × ncols`` axes sized for the book's page (the panels shrink so
+    that a row fits :data:`PAGE_WIDTH`; use :func:`facets` for more than three panels)."""
+    panel = max(min(width, PAGE_WIDTH / ncols), 3.6)
+    scale = panel / width
+    return plt.subplots(nrows, ncols, figsize=(panel * ncols, max(height * scale, 2.8) * nrows),
                         constrained_layout=True, squeeze=False, **kw)
 
 
-def facets(values: Sequence, draw, *, width: float = 6.0, height: float = 3.8):
-    """One panel per value, side by side: ``draw(value, ax)`` fills each. Returns the figure."""
+def facets(values: Sequence, draw, *, width: float = 6.0, height: float = 3.8,
+           columns: int = MAX_COLUMNS):
+    """One panel per value, at most ``columns`` a row: ``draw(value, ax)`` fills each.
+    Returns the figure (unused panels of the last row are hidden)."""
     values = list(values)
-    fig, axes = new_axes(len(values), width=width, height=height)
-    for ax, value in zip(axes[0], values):
+    ncols = min(len(values), columns)
+    nrows = -(-len(values) // ncols)
+    fig, axes = new_axes(ncols, nrows, width=width, height=height)
+    flat = axes.ravel()
+    for ax, value in zip(flat, values):
         draw(value, ax)
+    for ax in flat[len(values):]:
+        ax.set_visible(False)
     return fig
 
 
