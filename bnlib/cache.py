@@ -4,8 +4,7 @@ A result is a deterministic function of the experiment's name, its resolved conf
 source code, torch's version and the device type (bnlib runs with a fixed thread count; see
 :mod:`bnlib.runtime`). :func:`key` hashes exactly that, so a notebook under nbval, the same
 notebook in the book build and ``python -m bnlib run`` share one computation, and any edit to
-the library invalidates every entry. Entries live in ``$BNLIB_CACHE`` (default
-``~/.cache/bnlib/results``): ``<name>-<key>.pkl`` (the DataFrame) and ``.json`` (provenance:
+the library invalidates every entry. Entries live in :func:`folder`: ``<name>-<key>.pkl`` (the DataFrame) and ``.json`` (provenance:
 how, where and when it was computed, and how long it took the first time).
 
 Recorded results are the other kind of stored result: a committed CSV with its provenance
@@ -42,10 +41,15 @@ def code_hash() -> str:
 
 
 def folder() -> Path:
-    """Where cached results live: ``$BNLIB_CACHE`` or ``~/.cache/bnlib/results``."""
+    """Where cached results live: ``$BNLIB_CACHE``; else, in a checkout of the book,
+    ``_build/bnlib-results`` beside the chapters (so a fresh clone starts empty, and the test
+    run and the book build share one computation); else ``~/.cache/bnlib/results``."""
     root = os.environ.get("BNLIB_CACHE")
     if root:
         return Path(root).expanduser()
+    checkout = _PACKAGE.parent
+    if (checkout / "_toc.yml").exists():
+        return checkout / "_build" / "bnlib-results"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "bnlib" / "results"
 
