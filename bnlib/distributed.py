@@ -61,18 +61,22 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # --- statistics -------------------------------------------------------------------------
 
 def _local_moments(x: Tensor):
-    """``(n, mean, M2, xc, mean0)`` per channel; an empty slice gives n = 0, mean = M2 = 0."""
+    """``(n, mean, M2, xc, mean0)`` per channel, with ``mean`` and ``M2`` in float64 (they are
+    C numbers, merged across ranks) and ``xc = x − mean0`` centred on a first-pass mean:
+    the corrected two-pass algorithm of :mod:`bnlib.functional`, ``M2 = Σ xc² − n r²``
+    with the tiny residue ``r = mean(xc)``. An empty slice gives n = 0, mean = M2 = 0."""
     c = x.shape[1]
     n = x.numel() // c
     if n == 0:
         z = x.new_zeros(c)
-        return 0, z, z.clone(), x, z.clone()
+        return 0, z.double(), z.double(), x, z
     dims = channel_dims(x)
     mean0 = x.mean(dims)
     xc = x - _broadcast(mean0, x)
     r = xc.mean(dims)
     m2 = torch.addcmul(xc.square().sum(dims), r, r, value=-float(n)).clamp_(min=0)
-    return n, mean0 + r, m2, xc, mean0
+    # mean0 + r in float64: in float32 the sum would round the correction r away again
+    return n, mean0.double() + r.double(), m2.double(), xc, mean0
 
 
 def merge_moments(counts: Sequence[float] | Tensor, means: Tensor, m2s: Tensor
@@ -133,9 +137,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got "
                              f"{int(n)} over all ranks (this rank's input size {tuple(x.shape)})")
-        var = m2 / n                                  # biased: what the batch is normalised with
+        var = (m2 / n).to(x.dtype)                    # biased: what the batch is normalised with
         invstd = torch.rsqrt(var + eps)
-        d = mean - mean0                              # x − mean = xc − d, d small
+        d = (mean - mean0).to(x.dtype)                # x − mean = xc − d, d small
+        mean, n = mean.to(x.dtype), n.to(x.dtype)
         scale = invstd * weight
         out = _affine(xc, scale, torch.addcmul(bias, d, scale, value=-1))
         ctx.save_for_backward(xc, d, invstd, weight)
