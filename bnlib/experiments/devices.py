@@ -324,24 +324,28 @@ def _cost_worker(rank: int, world: int, shapes: Sequence[tuple[int, ...]], reps:
         x = torch.randn(shape, requires_grad=True)
         dy = torch.randn(shape)
         local = (BatchNorm2d if len(shape) == 4 else BatchNorm1d)(shape[1])
-        for name, layer in (("local BN", local), ("SyncBN", D.SyncBatchNorm(shape[1]))):
+        layers = {"local BN": local, "SyncBN": D.SyncBatchNorm(shape[1])}
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        for layer in layers.values():
             for _ in range(3):  # warm-up
                 layer(x).backward(dy)
-            times = []
-            for _ in range(repeats):
+        for _ in range(repeats):  # the arms alternate, so a slow spell of the machine hits both
+            for name, layer in layers.items():
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     layer(x).backward(dy)
-                times.append((time.perf_counter() - t0) / reps)
+                times[name].append((time.perf_counter() - t0) / reps)
+        for name, t in times.items():
             rows.append(dict(rank=rank, shape=str(tuple(shape)), layer=name,
-                             us_per_step=1e6 * float(np.median(times))))
+                             us_per_step=1e6 * float(np.min(t))))
     return rows
 
 
-def sync_cost(shapes: Sequence[tuple[int, ...]] = ((32, 128), (16, 32, 8, 8)), reps: int = 20,
-              repeats: int = 5, world: int = 2) -> pd.DataFrame:
-    """Per-step time (median over ``repeats`` of ``reps`` forward+backward passes) of a local
+def sync_cost(shapes: Sequence[tuple[int, ...]] = ((32, 128), (16, 32, 8, 8)), reps: int = 5,
+              repeats: int = 10, world: int = 2) -> pd.DataFrame:
+    """Per-step time (the fastest of ``repeats`` rounds of ``reps`` forward+backward passes:
+    on a shared machine the minimum is the least disturbed estimate) of a local
     BN and a SyncBN on each rank's input of each shape, in ``world`` CPU processes joined by
     gloo over loopback TCP. Columns ``shape, layer, us_per_step`` (mean over ranks) and
     ``overhead_us`` (SyncBN minus local). CPU/gloo numbers: NCCL on GPUs differs."""
