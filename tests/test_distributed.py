@@ -321,3 +321,28 @@ def test_ddp_training_matches_single_process():
     ranks = launch(_run_parallel, 2, (True,), timeout=120)
     print(f"2-process DDP training: {time.perf_counter() - t0:.1f} s")
     _check_parallel(ranks, _single_process())
+
+
+def test_helpers_outside_a_process_group(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    rank, world, device = D.init_from_env()
+    assert (rank, world) == (0, 1) and not dist.is_initialized() and D.is_main()
+    model = nn.Linear(3, 2)
+    assert D.wrap_ddp(model, "cpu") is model
+    model(torch.randn(4, 3)).sum().backward()
+    before = model.weight.grad.clone()
+    D.average_gradients(model.parameters())  # a no-op in one process
+    assert torch.equal(model.weight.grad, before)
+    # Σ_local ℓ · world / B, averaged over ranks by DDP, is the global mean loss
+    assert D.scaled_loss(torch.tensor(6.0), global_batch=12, world=2).item() == 1.0
+    with pytest.raises(ValueError, match="divisible"):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:  # a world of one: fine; an uneven global batch is refused before any work
+            monkeypatch.setattr(D, "sync_active", lambda group=None: True)
+            monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+            D.train_data_parallel(_build, _toy_data(), batch_size=16, steps=1)
+        finally:
+            monkeypatch.undo()
+            dist.destroy_process_group()
+    D.cleanup()  # nothing to leave
