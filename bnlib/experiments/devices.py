@@ -1,0 +1,357 @@
+"""Chapter 21: batch norm across devices.
+
+Data-parallel training on ``k`` devices cuts every global batch of ``B`` examples into
+``k`` slices of ``B / k``. A plain batch norm on each device normalises its slice with the
+slice's statistics: that *is* ghost batch norm with ghost batches of ``B / k``
+(:class:`~bnlib.experiments.generalization.GhostBatchNorm1d`). A synchronised batch norm
+(:class:`bnlib.distributed.SyncBatchNorm`) normalises with the statistics of the whole
+global batch: that is full-batch BN on one device. Three measurements:
+
+* :func:`across_devices` (registered as ``across_devices``): test accuracy, and the
+  train/eval gap, of an MLP trained with per-device statistics for ``k`` devices
+  (simulated as ghost BN) against synchronised statistics, paired over seeds;
+* :func:`real_runs_match`: real 2-process gloo runs on the CPU, checking that per-device
+  BN *is* ghost BN and SyncBN *is* full-batch BN (same final weights);
+* :func:`sync_cost`: the per-step time of a SyncBN forward+backward against a local BN in
+  2 CPU processes joined by gloo (loopback TCP; not a statement about GPUs and NCCL).
+
+The equivalence test is a paired TOST done here with scipy (:func:`equivalence`).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .. import data as datasets
+from .. import distributed as D
+from .. import functional as BF
+from ..models import mlp
+from ..nn import BatchNorm1d, BatchNorm2d
+from ..train import seeded, train
+from . import Config, register, sweep
+from .generalization import use_ghost_batchnorm
+
+__all__ = ["PerDeviceBatchNorm1d", "per_device", "DevicesConfig", "fit_devices", "across_devices", "equivalence", "paired",
+           "real_runs_match", "sync_cost", "plot_devices"]
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str) -> datasets.Dataset:
+    return datasets.load(name)
+
+
+class PerDeviceBatchNorm1d(BatchNorm1d):
+    """What ``devices`` data-parallel devices, each with a plain batch norm, compute, in one
+    process and one vectorised call.
+
+    Training mode: the batch is cut into ``devices`` contiguous slices (as
+    :func:`bnlib.distributed.shard` does) and each slice is normalised with its own
+    statistics, so outputs and gradients are those of ghost batch norm with ghost batches
+    of ``B / devices`` (:class:`~bnlib.experiments.generalization.GhostBatchNorm1d`). The
+    running statistics follow *slice 0 only*: that is rank 0's buffers, which DDP
+    broadcasts by default and which a checkpoint saved on rank 0 holds. (Ghost BN instead
+    updates them once per ghost batch.) Evaluation mode is a plain batch norm.
+    """
+
+    def __init__(self, num_features: int, devices: int = 2, **kwargs) -> None:
+        if not isinstance(devices, int) or devices < 1:
+            raise ValueError(f"devices must be a positive int, got {devices!r}")
+        super().__init__(num_features, **kwargs)
+        self.devices = devices
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.devices == 1:
+            return super().forward(input)
+        self._check_input_dim(input)
+        k, c, rest = self.devices, input.shape[1], input.shape[2:]
+        if len(input) % k or len(input) // k < 2:
+            raise ValueError(f"a batch of {len(input)} does not split into {k} slices of ≥ 2")
+        m = len(input) // k
+        # (B, C, ...) -> (m, k·C, ...): channel j·C + c is channel c of slice j
+        xs = input.reshape(k, m, *input.shape[1:]).transpose(0, 1).reshape(m, k * c, *rest)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        track = self.track_running_stats and self.running_mean is not None
+        if track:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        rm = self.running_mean.repeat(k) if track else None
+        rv = self.running_var.repeat(k) if track else None
+        out = BF.batch_norm(xs, rm, rv, None if self.weight is None else self.weight.repeat(k),
+                            None if self.bias is None else self.bias.repeat(k), True, momentum,
+                            self.eps)
+        if track:  # rank 0's running statistics
+            with torch.no_grad():
+                self.running_mean.copy_(rm[:c])
+                self.running_var.copy_(rv[:c])
+        return out.reshape(m, k, c, *rest).transpose(0, 1).reshape(input.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", devices={self.devices}"
+
+
+def per_device(model: nn.Module, devices: int) -> nn.Module:
+    """Replace every :class:`bnlib.nn.BatchNorm1d` of ``model`` by a
+    :class:`PerDeviceBatchNorm1d` with the same options, state, device and dtype; in place,
+    returns ``model``."""
+    for name, child in model.named_children():
+        if type(child) is BatchNorm1d:
+            new = PerDeviceBatchNorm1d(child.num_features, devices, eps=child.eps,
+                                       momentum=child.momentum, affine=child.affine,
+                                       track_running_stats=child.track_running_stats,
+                                       bias=child.bias is not None or not child.affine)
+            ref = child.weight if child.weight is not None else child.running_mean
+            if ref is not None:
+                new.to(device=ref.device, dtype=ref.dtype)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            per_device(child, devices)
+    return model
+
+
+def _model(ds: datasets.Dataset, devices: int, width: int, depth: int) -> nn.Module:
+    net = mlp(ds.num_features, ds.num_classes, depth=depth, width=width, norm="batch")
+    return per_device(net, devices) if devices > 1 else net
+
+
+@torch.no_grad()
+def _train_mode_accuracy(model: nn.Module, split: datasets.Split, batch_size: int) -> float:
+    """Accuracy on ``split`` with the model in *train* mode (each slice normalised with its
+    own statistics, as during training), on a copy so the running statistics stay put."""
+    m = copy.deepcopy(model).train()
+    n = len(split) - len(split) % batch_size
+    correct = sum((m(split.x[i:i + batch_size]).argmax(1) == split.y[i:i + batch_size]).sum().item()
+                  for i in range(0, n, batch_size))
+    return correct / n
+
+
+def fit_devices(*, seed: int, devices: int, dataset: str = "digits", batch_size: int = 32,
+                steps: int = 300, lr: float = 0.1, momentum: float = 0.9, width: int = 64,
+                depth: int = 2, device: str = "auto") -> dict:
+    """Train one MLP with per-device BN statistics for ``devices`` devices (``devices=1``:
+    full-batch statistics, i.e. SyncBN on any number of devices) and return its final
+    ``test_acc`` and ``val_acc`` (eval mode: running statistics), ``val_acc_train_mode``
+    (the same validation examples in slices of ``batch_size / devices``, train mode) and
+    ``gap`` = train-mode minus eval-mode validation accuracy."""
+    if devices < 1 or batch_size % devices or batch_size // devices < 2:
+        raise ValueError(f"batch_size {batch_size} must split into {devices} slices of ≥ 2")
+    ds = _load(dataset)
+    net = seeded(seed, lambda: _model(ds, devices, width, depth))
+    hist = train(net, ds, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed,
+                 eval_every=steps, eval_splits=("val", "test"), device=device)
+    last = hist[hist["step"] == hist["step"].max()].set_index("split")["accuracy"]
+    val = ds.to(next(net.parameters()).device).val
+    train_mode = _train_mode_accuracy(net, val, batch_size)  # ghost BN slices it into B/k
+    return dict(devices=devices, per_device=batch_size // devices, test_acc=last["test"],
+                val_acc=last["val"], val_acc_train_mode=train_mode, gap=train_mode - last["val"],
+                diverged=bool(hist["diverged"].any()))
+
+
+@dataclass(frozen=True)
+class DevicesConfig(Config):
+    """Per-device vs synchronised BN statistics as the per-device batch shrinks."""
+
+    seeds: tuple[int, ...] = tuple(range(8))
+    dataset: str = "digits"
+    batch_size: int = 32                 # the global batch B
+    devices: tuple[int, ...] = (1, 2, 4, 8)
+    steps: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    width: int = 64
+    depth: int = 2
+    margin: float = 0.015                # equivalence margin on test accuracy, declared up front
+
+    @classmethod
+    def full(cls) -> "DevicesConfig":
+        return cls(dataset="mnist5k", batch_size=256, devices=(1, 2, 4, 8, 16, 32, 64),
+                   steps=3000, width=256, depth=3, seeds=tuple(range(10)))
+
+
+def plot_devices(df: pd.DataFrame):
+    """Test accuracy and train/eval gap against the per-device batch (mean ± 95% CI)."""
+    import matplotlib.pyplot as plt
+    from ..stats import summarize
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, col, label in zip(axes, ["test_acc", "gap"],
+                              ["test accuracy (eval mode)", "train-mode − eval-mode val accuracy"]):
+        s = summarize(df, "per_device", col).sort_values("per_device")
+        sync = s[s["per_device"] == s["per_device"].max()].iloc[0]
+        ax.errorbar(s["per_device"], s["mean"], yerr=[s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]],
+                    marker="o", capsize=3, label="per-device BN (= ghost BN)")
+        ax.axhspan(sync["ci_low"], sync["ci_high"], color="C1", alpha=0.25, lw=0)
+        ax.axhline(sync["mean"], color="C1", label="SyncBN (= full-batch BN)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(s["per_device"], [f"{int(v)}" for v in s["per_device"]])
+        ax.minorticks_off()
+        ax.set_xlabel(f"per-device batch (global batch {int(s['per_device'].max())})")
+        ax.set_ylabel(label)
+        if col == "gap":
+            ax.axhline(0, color="k", lw=0.6)
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+@register("across_devices", DevicesConfig, title="Batch norm across devices: per-device vs synced",
+          chapter="21_across_devices", plot=plot_devices)
+def across_devices(cfg: DevicesConfig) -> pd.DataFrame:
+    """One row per (devices k, seed): ``test_acc, val_acc, val_acc_train_mode, gap,
+    per_device, diverged``. Runs with the same seed share initialisation and batch order."""
+    bad = [k for k in cfg.devices if cfg.batch_size % k or cfg.batch_size // k < 2]
+    if bad or 1 not in cfg.devices:
+        raise ValueError(f"devices must include 1 and divide batch_size {cfg.batch_size} into "
+                         f"slices of ≥ 2; bad: {bad}")
+    return sweep(fit_devices, seeds=cfg.seeds, grid={"devices": cfg.devices},
+                 common=dict(dataset=cfg.dataset, batch_size=cfg.batch_size, steps=cfg.steps,
+                             lr=cfg.lr, momentum=cfg.momentum, width=cfg.width, depth=cfg.depth,
+                             device=cfg.device), desc="devices").drop(columns="arm")
+
+
+# --- statistics ------------------------------------------------------------------------
+
+def paired(df: pd.DataFrame, value: str, k: int, against: int = 1) -> np.ndarray:
+    """Per seed, ``value`` at ``devices=k`` minus at ``devices=against`` (SyncBN)."""
+    wide = df.pivot(index="seed", columns="devices", values=value)
+    return (wide[k] - wide[against]).dropna().to_numpy()
+
+
+def equivalence(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> dict:
+    """Paired TOST: the mean difference lies within ``±margin`` when both one-sided t-tests
+    reject at ``alpha``, i.e. when the ``1 − 2·alpha`` t-interval is inside the margin.
+    Returns ``n, mean, ci_low, ci_high, p`` (the larger one-sided p) and ``equivalent``."""
+    from scipy import stats
+    d = np.asarray(diffs, dtype=float)
+    n = len(d)
+    if n < 2 or margin <= 0:
+        raise ValueError(f"need ≥ 2 pairs and a positive margin, got {n} and {margin}")
+    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
+    if se == 0:
+        p = 0.0 if abs(mean) < margin else 1.0
+        lo = hi = mean
+    else:
+        p = float(max(stats.t.sf((mean + margin) / se, n - 1), stats.t.cdf((mean - margin) / se, n - 1)))
+        half = float(stats.t.ppf(1 - alpha, n - 1) * se)
+        lo, hi = mean - half, mean + half
+    return dict(n=n, mean=mean, ci_low=lo, ci_high=hi, margin=margin, p=p, equivalent=p < alpha)
+
+
+# --- real processes -------------------------------------------------------------------
+
+def _digits64(n_train: int) -> datasets.Dataset:
+    ds = _load("digits")
+    cast = lambda s, n=None: datasets.Split(s.x[:n].double(), s.y[:n])  # noqa: E731
+    return datasets.Dataset("digits", cast(ds.train, n_train), cast(ds.val), cast(ds.test),
+                            ds.input_shape, ds.num_classes)
+
+
+def _real_kwargs(batch_size: int, steps: int) -> dict:
+    return dict(steps=steps, lr=0.1, momentum=0.9, batch_size=batch_size, eval_every=steps)
+
+
+def _builder(ds: datasets.Dataset, width: int):
+    return functools.partial(_double_mlp, ds.num_features, ds.num_classes, width)
+
+
+def _double_mlp(features: int, classes: int, width: int) -> nn.Module:
+    return mlp(features, classes, depth=2, width=width, norm="batch").double()
+
+
+def _real_worker(rank: int, world: int, batch_size: int, steps: int, width: int, n_train: int):
+    ds = _digits64(n_train)
+    out = {}
+    for sync in (True, False):
+        _, model = D.train_data_parallel(_builder(ds, width), ds, seed=0, sync_bn=sync, ddp=False,
+                                         device="cpu", **_real_kwargs(batch_size, steps))
+        out["SyncBN" if sync else "per-device BN"] = model.state_dict()
+    return out
+
+
+def real_runs_match(batch_size: int = 32, steps: int = 30, width: int = 32, n_train: int = 512,
+                    world: int = 2) -> pd.DataFrame:
+    """Train the same float64 MLP on ``digits`` for ``steps`` SGD steps four ways: in
+    ``world`` real gloo processes with SyncBN and with per-device BN (gradients averaged
+    by an all-reduce), and in this process with full-batch BN and with ghost BN (ghost
+    batches of ``batch_size / world``). Returns, for each (distributed run, single-process
+    run) pair, the largest absolute difference between their final weights
+    (``max_abs_diff``) and between their running statistics (``max_abs_diff_running``, on
+    rank 0 for per-device BN; ghost BN updates them per ghost batch, so there they differ)."""
+    import torch._dynamo  # noqa: F401  (the first optimiser step imports it; before the fork)
+    ranks = D.launch(_real_worker, world, (batch_size, steps, width, n_train), timeout=120)
+    ds = _digits64(n_train)
+    single = {}
+    for name in ("full-batch BN", "ghost BN", "per-device BN (1 process)"):
+        net = seeded(0, _builder(ds, width))
+        if name == "ghost BN":  # .double(): use_ghost_batchnorm keeps the device, not the dtype
+            use_ghost_batchnorm(net, virtual_batch_size=batch_size // world).double()
+        elif name.startswith("per-device"):
+            per_device(net, world)
+        train(net, ds, seed=0, device="cpu", **_real_kwargs(batch_size, steps))
+        single[name] = net.state_dict()
+    start = seeded(0, _builder(ds, width)).state_dict()
+    rows = []
+    for dist_name in ("SyncBN", "per-device BN"):
+        for single_name, weights in single.items():
+            def diff(rs, running: bool) -> float:
+                return max((r[dist_name][k].double() - weights[k].double()).abs().max().item()
+                           for r in rs for k in r[dist_name]
+                           if ("running" in k) == running and "num_batches" not in k)
+            # every rank's weights; running statistics: rank 0's for per-device BN
+            rows.append(dict(distributed=dist_name, single_process=single_name,
+                             max_abs_diff=diff(ranks, False),
+                             max_abs_diff_running=diff(
+                                 ranks[:1] if dist_name.startswith("per-device") else ranks, True)))
+    moved = max((single["full-batch BN"][k] - start[k]).abs().max().item()
+                for k in start if "running" not in k and "num_batches" not in k)
+    return pd.DataFrame(rows).assign(weights_moved=moved)
+
+
+def _cost_worker(rank: int, world: int, shapes: Sequence[tuple[int, ...]], reps: int, repeats: int):
+    torch.manual_seed(rank)
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        dy = torch.randn(shape)
+        local = (BatchNorm2d if len(shape) == 4 else BatchNorm1d)(shape[1])
+        layers = {"local BN": local, "SyncBN": D.SyncBatchNorm(shape[1])}
+        times: dict[str, list[float]] = {name: [] for name in layers}
+        for layer in layers.values():
+            for _ in range(3):  # warm-up
+                layer(x).backward(dy)
+        for _ in range(repeats):  # the arms alternate, so a slow spell of the machine hits both
+            for name, layer in layers.items():
+                torch.distributed.barrier()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    layer(x).backward(dy)
+                times[name].append((time.perf_counter() - t0) / reps)
+        for name, t in times.items():
+            rows.append(dict(rank=rank, shape=str(tuple(shape)), layer=name,
+                             us_per_step=1e6 * float(np.min(t))))
+    return rows
+
+
+def sync_cost(shapes: Sequence[tuple[int, ...]] = ((32, 128), (16, 32, 8, 8)), reps: int = 5,
+              repeats: int = 10, world: int = 2) -> pd.DataFrame:
+    """Per-step time (the fastest of ``repeats`` rounds of ``reps`` forward+backward passes:
+    on a shared machine the minimum is the least disturbed estimate) of a local
+    BN and a SyncBN on each rank's input of each shape, in ``world`` CPU processes joined by
+    gloo over loopback TCP. Columns ``shape, layer, us_per_step`` (mean over ranks) and
+    ``overhead_us`` (SyncBN minus local). CPU/gloo numbers: NCCL on GPUs differs."""
+    ranks = D.launch(_cost_worker, world, (tuple(shapes), reps, repeats), timeout=120)
+    df = pd.DataFrame([row for r in ranks for row in r])
+    out = df.groupby(["shape", "layer"], sort=False)["us_per_step"].mean().unstack("layer")
+    out["overhead_us"] = out["SyncBN"] - out["local BN"]
+    out["ratio"] = out["SyncBN"] / out["local BN"]
+    return out.reset_index()
