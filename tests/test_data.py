@@ -121,3 +121,76 @@ def test_cached_source_is_read_only_but_splits_are_writable():
     d = data.load("digits", preprocessing="raw")
     d.train.x[0, 0] = 123.0  # our own copy
     assert data.load("digits", preprocessing="raw").train.x[0, 0].item() != 123.0
+
+
+# --- MNIST-1D (generated offline by the mnist1d package, cached on disk) -----------------
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    return data.load("mnist1d", preprocessing="standardized")
+
+
+def test_mnist1d_shapes_and_balanced_split(mnist1d):
+    assert (len(mnist1d.train), len(mnist1d.val), len(mnist1d.test)) == (3250, 750, 1000)
+    assert mnist1d.input_shape == (1, 40) and mnist1d.num_classes == 10
+    assert mnist1d.train.x.shape == (3250, 40)
+    assert mnist1d.images().train.x.shape == (3250, 1, 40)   # (N, C, L) for a Conv1d
+    for s in ("train", "val", "test"):
+        counts = np.bincount(mnist1d.split(s).y.numpy(), minlength=10)
+        assert counts.max() - counts.min() <= 1, (s, counts)       # 500 per class, stratified
+
+
+def test_mnist1d_preprocessing_pools_statistics_over_steps(mnist1d):
+    x = mnist1d.train.x
+    assert abs(x.mean().item()) < 1e-5 and abs(x.std(unbiased=False).item() - 1) < 1e-4
+    assert x.std(0).min().item() < 0.95 < 1.05 < x.std(0).max().item()  # not per step
+    scaled = data.load("mnist1d")
+    assert scaled.train.x.min().item() == 0.0 and scaled.train.x.max().item() == 1.0
+    raw = data.load("mnist1d", preprocessing="raw")
+    # the package's global standardisation is a positive affine map: our modes undo it
+    a = raw.train.x.double()
+    torch.testing.assert_close(mnist1d.test.x.double(),
+                               (raw.test.x.double() - a.mean()) / a.std(unbiased=False),
+                               atol=1e-5, rtol=0)
+
+
+def test_mnist1d_generation_is_deterministic_cached_and_sized(tmp_path, monkeypatch):
+    import random
+    monkeypatch.setenv("BNLIB_DATA", str(tmp_path))
+    np.random.seed(123)
+    random.seed(123)
+    before = (np.random.get_state()[1].copy(), random.getstate())
+    x1, y1, shape, k, _ = data._mnist1d(n=200)
+    assert np.array_equal(np.random.get_state()[1], before[0]) and random.getstate() == before[1]
+    assert x1.shape == (200, 40) and shape == (1, 40) and k == 10
+    assert np.bincount(y1).tolist() == [20] * 10
+    files = list((tmp_path / "mnist1d").glob("*.npz"))
+    assert len(files) == 1 and "n200_seed42" in files[0].name
+    files[0].unlink()                      # regenerate from scratch: the same arrays
+    x2, y2, *_ = data._mnist1d(n=200)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    x3, *_ = data._mnist1d(n=200)          # read back from the cache file
+    assert np.array_equal(x1, x3)
+    assert not np.array_equal(data._mnist1d(n=200, data_seed=1)[0], x1)
+    small = data.load("mnist1d", n=200)
+    assert len(small.train) + len(small.val) + len(small.test) == 200
+    with pytest.raises(ValueError, match="n >= 100"):
+        data.load("mnist1d", n=50)
+
+
+def test_mnist1d_linear_model_gets_about_a_third_and_mlp_clearly_more(mnist1d):
+    from sklearn.linear_model import LogisticRegression
+    x, y = mnist1d.train.x, mnist1d.train.y
+    linear = LogisticRegression(max_iter=300).fit(x.numpy(), y.numpy())
+    acc_linear = linear.score(mnist1d.test.x.numpy(), mnist1d.test.y.numpy())
+    assert 0.25 < acc_linear < 0.45, acc_linear       # Greydanus (2020): about 32 %
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(40, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(mlp.parameters(), lr=2e-2)
+    for _ in range(100):                              # full batch
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(mlp(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        acc_mlp = (mlp(mnist1d.test.x).argmax(1) == mnist1d.test.y).float().mean().item()
+    assert acc_mlp > acc_linear + 0.12, (acc_linear, acc_mlp)
