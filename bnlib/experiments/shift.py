@@ -1,0 +1,297 @@
+"""Chapter 20: batch norm when the test data shift.
+
+A small 1-D CNN with batch norm (:class:`CNN1d`) is trained on MNIST-1D (Greydanus 2020),
+then tested on shifted copies of the test split (Gaussian noise, contrast, an additive
+offset; three severities each) with three ways of setting BN's statistics at test time:
+
+* ``"running"``: the running statistics from training (ordinary eval mode);
+* ``"recomputed"``: the source statistics recomputed exactly on the training split ("precise
+  BN", :func:`bnlib.inference.recompute_batchnorm_stats`): separates the lag of the moving
+  average from the shift;
+* ``"adapted"``: statistics re-estimated on the whole *unlabelled* shifted test split
+  (Schneider et al. 2020), :func:`adapt_batchnorm_stats`;
+* ``"batch"``: every test batch of ``batch_size`` examples is normalised with its own
+  statistics (prediction-time BN, Nado et al. 2020), optionally mixed with the running
+  ones by Schneider et al.'s prior ``N``: ``μ = N/(N+n)·μ_source + n/(N+n)·μ_batch`` and
+  the same for the variance, ``n`` the batch size. ``N = 0`` is pure prediction-time BN,
+  ``N = ∞`` the running statistics. :func:`grouped_accuracy` evaluates all batches of a
+  split in one forward pass.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .. import data as datasets
+from ..inference import recompute_batchnorm_stats
+from ..nn import BatchNorm1d, batchnorm_layers
+from ..train import resolve_device, seeded, train
+from . import Config, register
+
+__all__ = ["CNN1d", "ShiftConfig", "shifted", "adapt_batchnorm_stats", "grouped_accuracy",
+           "bn_under_shift", "plot_severity", "plot_batch_size", "SHIFT_KINDS"]
+
+SHIFT_KINDS = ("noise", "contrast", "offset")
+
+
+class CNN1d(nn.Module):
+    """``layers`` × (Conv1d, stride 2 → BatchNorm1d → ReLU), then a linear classifier on the
+    flattened features. Convolutions followed by a BN have no bias (BN's β replaces it)."""
+
+    def __init__(self, in_channels: int = 1, length: int = 40, num_classes: int = 10, *,
+                 channels: int = 32, layers: int = 3, kernel: int = 5) -> None:
+        super().__init__()
+        if min(in_channels, length, channels, layers, kernel) < 1 or num_classes < 2:
+            raise ValueError("CNN1d needs positive sizes and num_classes ≥ 2")
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks += [nn.Conv1d(in_channels if i == 0 else channels, channels, kernel, stride=2,
+                                 padding=kernel // 2, bias=False), BatchNorm1d(channels), nn.ReLU()]
+            length = (length + 2 * (kernel // 2) - kernel) // 2 + 1
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels * length, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def shifted(x: Tensor, kind: str, level: float, seed: int = 0) -> Tensor:
+    """``x`` under a test-time shift: ``"noise"`` adds Gaussian noise of std ``level``
+    (seeded: every model sees the same noisy inputs), ``"contrast"`` multiplies by ``level``,
+    ``"offset"`` adds ``level``; ``"none"`` returns ``x``. Inputs are standardised, so
+    ``level`` is in units of the data's standard deviation."""
+    if kind == "none":
+        return x
+    if kind == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        return x + level * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    if kind == "contrast":
+        return x * level
+    if kind == "offset":
+        return x + level
+    raise ValueError(f"shift kind must be 'none' or one of {SHIFT_KINDS}, got {kind!r}")
+
+
+def _weight(prior: float, n: int) -> float:
+    """Schneider et al.'s weight of the source statistics, ``N / (N + n)``."""
+    if prior < 0:
+        raise ValueError(f"prior N must be ≥ 0 (math.inf for the running statistics), got {prior}")
+    return 1.0 if math.isinf(prior) else prior / (prior + n)
+
+
+@torch.no_grad()
+def adapt_batchnorm_stats(model: nn.Module, x: Tensor, *, prior: float = 0.0,
+                          batch_size: int = 256) -> nn.Module:
+    """Re-estimate every BN's statistics on unlabelled inputs ``x`` (Schneider et al. 2020).
+
+    The target statistics are recomputed on ``x`` by :func:`bnlib.inference.recompute_batchnorm_stats`
+    and mixed with the current (source) running statistics: ``N/(N+n)·source + n/(N+n)·target``
+    with ``N = prior`` and ``n = len(x)``, for the means and the variances. ``prior=0`` keeps
+    only the target statistics, ``math.inf`` only the source ones. (With ``prior > 0`` each
+    layer's target statistics are measured behind earlier layers normalised with target rather
+    than mixed statistics; the difference vanishes when ``n ≫ N``.) In place; eval mode.
+    """
+    layers = batchnorm_layers(model)
+    w = _weight(prior, len(x))
+    source = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in layers]
+    recompute_batchnorm_stats(model, x, batch_size=batch_size)
+    for bn, (mean, var) in zip(layers, source):
+        bn.running_mean.mul_(1 - w).add_(w * mean)
+        bn.running_var.mul_(1 - w).add_(w * var)
+    return model
+
+
+def _mixed_hook(group: int, w: float):
+    """A forward hook that renormalises a BN's input per consecutive group of ``group``
+    examples with ``w·running + (1 − w)·group`` statistics (biased group variance)."""
+    def hook(bn: nn.Module, inputs: tuple, _output: Tensor) -> Tensor:
+        x = inputs[0]
+        c = x.shape[1]
+        xs = x.reshape(x.shape[0] // group, group, c, -1)
+        flat = xs.transpose(1, 2).reshape(xs.shape[0], c, -1)  # (groups, C, group·L): fast reduce
+        var, mean = torch.var_mean(flat, dim=2, unbiased=False)
+        var, mean = var[:, None, :, None], mean[:, None, :, None]
+        if w > 0:
+            mean = w * bn.running_mean.view(1, 1, c, 1) + (1 - w) * mean
+            var = w * bn.running_var.view(1, 1, c, 1) + (1 - w) * var
+        out = (xs - mean) / torch.sqrt(var + bn.eps)
+        if bn.weight is not None:
+            out = out * bn.weight.view(1, 1, c, 1)
+        if bn.bias is not None:
+            out = out + bn.bias.view(1, 1, c, 1)
+        return out.reshape(x.shape)
+    return hook
+
+
+@torch.no_grad()
+def grouped_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int,
+                     prior: float = 0.0) -> float:
+    """Accuracy when ``x`` arrives in consecutive test batches of ``batch_size`` and every BN
+    normalises each batch with its own statistics mixed with the running ones by ``prior``
+    (``0``: prediction-time BN; ``math.inf``: running statistics). A ragged last batch is
+    normalised on its own. Equivalent to a loop over the batches, in one or two passes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    layers = batchnorm_layers(model)
+    was = model.training
+    model.eval()
+    cut = len(x) - len(x) % batch_size
+    correct = 0
+    for lo, hi in ((0, cut), (cut, len(x))):
+        if hi == lo:
+            continue
+        group = min(batch_size, hi - lo)
+        w = _weight(prior, group)
+        handles = [bn.register_forward_hook(_mixed_hook(group, w)) for bn in layers] if w < 1 else []
+        try:
+            correct += (model(x[lo:hi]).argmax(1) == y[lo:hi]).sum().item()
+        finally:
+            for h in handles:
+                h.remove()
+    model.train(was)
+    return correct / len(x)
+
+
+@dataclass(frozen=True)
+class ShiftConfig(Config):
+    """Train a BN 1-D CNN on MNIST-1D per seed; test it under shifts with running, recomputed,
+    adapted and per-batch statistics. Every condition gets the batch sizes
+    ``severity_batch_sizes`` with ``N = 0``; ``sweep_conditions`` get every test batch size ×
+    prior ``N``."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    n: int = 5000                      # MNIST-1D examples (5,000 is the standard set)
+    steps: int = 300
+    lr: float = 0.1
+    batch_size: int = 64
+    momentum: float = 0.9
+    channels: int = 16
+    noise: tuple[float, ...] = (0.25, 0.5, 1.0)
+    contrast: tuple[float, ...] = (0.5, 2.0, 4.0)
+    offset: tuple[float, ...] = (0.5, 1.0, 2.0)
+    severity_batch_sizes: tuple[int, ...] = (2, 128)
+    sweep_conditions: tuple[tuple[str, float], ...] = (("none", 0.0), ("noise", 0.5), ("offset", 1.0))
+    test_batch_sizes: tuple[int, ...] = (1, 2, 8, 32, 128)
+    priors: tuple[float, ...] = (0.0, 16.0, 128.0)
+    adapt_prior: float = 0.0           # N of the whole-test-set adaptation
+
+    @classmethod
+    def full(cls) -> "ShiftConfig":
+        return cls(seeds=tuple(range(10)), n=50000, steps=3000, channels=64,
+                   test_batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                   priors=(0.0, 4.0, 16.0, 64.0, 256.0))
+
+    def conditions(self) -> list[tuple[str, float]]:
+        """(shift kind, level) pairs, the unshifted test split first."""
+        return [("none", 0.0)] + [(k, v) for k in SHIFT_KINDS for v in getattr(self, k)]
+
+    def batch_grid(self, kind: str, level: float) -> list[tuple[int, float]]:
+        """The (test batch size, prior N) pairs evaluated under one condition."""
+        grid = {(b, 0.0) for b in self.severity_batch_sizes}
+        if (kind, level) in self.sweep_conditions:
+            grid |= {(b, p) for b in self.test_batch_sizes for p in self.priors}
+        return sorted(grid)
+
+
+@functools.lru_cache(maxsize=4)
+def _data(n: int) -> datasets.Dataset:
+    return datasets.load("mnist1d", preprocessing="standardized", n=n).images()
+
+
+def fit(cfg: ShiftConfig, seed: int) -> nn.Module:
+    """One :class:`CNN1d` trained on MNIST-1D with SGD + momentum (eval mode, on ``cfg.device``)."""
+    ds = _data(cfg.n)
+    net = seeded(seed, lambda: CNN1d(*ds.input_shape, ds.num_classes, channels=cfg.channels))
+    train(net, ds, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,
+          seed=seed, eval_every=cfg.steps, eval_splits=(), device=cfg.device)
+    return net
+
+
+@register("bn_under_shift", ShiftConfig, title="BN statistics under test-time input shifts",
+          chapter="20_shift", plot=lambda df: plot_severity(df))
+def bn_under_shift(cfg: ShiftConfig) -> pd.DataFrame:
+    """Test accuracy of every seed's model under every shift condition and statistics
+    method: columns ``seed, shift, level, method, batch_size, prior, accuracy``
+    (``batch_size``/``prior`` NaN where they do not apply)."""
+    rows = []
+    dev = resolve_device(cfg.device)
+    ds = _data(cfg.n)
+    test = ds.test.to(dev)
+    for seed in cfg.seeds:
+        net = fit(cfg, seed)
+        precise = recompute_batchnorm_stats(_copy(net), ds.train.x.to(dev))
+        for kind, level in cfg.conditions():
+            x = shifted(test.x, kind, level, seed=1000 + int(10 * level))
+            base = dict(seed=seed, shift=kind, level=level)
+            whole = dict(batch_size=len(x), prior=math.inf)
+            adapted = adapt_batchnorm_stats(_copy(net), x, prior=cfg.adapt_prior)
+            for method, model in (("running", net), ("recomputed", precise), ("adapted", adapted)):
+                rows.append(dict(base, method=method, batch_size=math.nan,
+                                 prior=cfg.adapt_prior if method == "adapted" else math.inf,
+                                 accuracy=grouped_accuracy(model, x, test.y, **whole)))
+            for b, n_prior in cfg.batch_grid(kind, level):
+                rows.append(dict(base, method="batch", batch_size=b, prior=n_prior,
+                                 accuracy=grouped_accuracy(net, x, test.y, batch_size=b,
+                                                           prior=n_prior)))
+    return pd.DataFrame(rows)
+
+
+def _copy(net: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(net)
+
+
+def _label(method: str, b: float, prior: float) -> str:
+    if method != "batch":
+        return {"running": "running statistics", "recomputed": "recomputed on training data",
+                "adapted": "adapted to the test set"}[method]
+    return f"test batch {int(b)}" + (f", N = {prior:g}" if prior else "")
+
+
+def plot_severity(df: pd.DataFrame, batch_sizes: tuple[int, ...] = (128, 2)):
+    """Accuracy (mean over seeds, bars: min–max) against each shift's level, one panel per
+    shift kind: running, adapted and prediction-time statistics (``N = 0``) at ``batch_sizes``."""
+    from ..plots import new_axes
+    keep = (df["method"] != "batch") | (df["batch_size"].isin(batch_sizes) & (df["prior"] == 0))
+    d = df[keep].assign(how=lambda t: [_label(*r) for r in zip(t["method"], t["batch_size"], t["prior"])])
+    clean = d[d["shift"] == "none"]
+    fig, axes = new_axes(len(SHIFT_KINDS), width=4.3, height=3.4)
+    for ax, kind in zip(axes[0], SHIFT_KINDS):
+        part = pd.concat([d[d["shift"] == kind],
+                          clean.assign(level=1.0 if kind == "contrast" else 0.0)])
+        for how, g in part.groupby("how", sort=False):
+            s = g.groupby("level")["accuracy"].agg(["mean", "min", "max"])
+            ax.errorbar(s.index, s["mean"], yerr=[s["mean"] - s["min"], s["max"] - s["mean"]],
+                        marker="o", capsize=2, label=how)
+        if kind == "contrast":
+            ax.set_xscale("log", base=2)
+        ax.set(title=kind, xlabel={"noise": "noise std", "contrast": "factor",
+                                   "offset": "offset"}[kind], ylabel="test accuracy")
+    axes[0][0].legend(fontsize=8)
+    return fig
+
+
+def plot_batch_size(df: pd.DataFrame, conditions: tuple[tuple[str, float], ...]):
+    """Accuracy against the test batch size for each prior ``N``, one panel per (shift, level);
+    running and adapted statistics as horizontal lines (means over seeds)."""
+    from ..plots import new_axes
+    fig, axes = new_axes(len(conditions), width=4.6, height=3.4)
+    for ax, (kind, level) in zip(axes[0], conditions):
+        d = df[(df["shift"] == kind) & (df["level"] == level)]
+        batch = d[d["method"] == "batch"].groupby(["prior", "batch_size"])["accuracy"].mean()
+        for prior, s in batch.groupby(level=0):
+            ax.plot(s.index.get_level_values(1), s.to_numpy(), marker="o",
+                    label=f"batch stats, N = {prior:g}")
+        for method, style in (("running", ":"), ("recomputed", "-."), ("adapted", "--")):
+            ax.axhline(d[d["method"] == method]["accuracy"].mean(), color="k", ls=style,
+                       label=_label(method, math.nan, 0))
+        ax.set_xscale("log", base=2)
+        ax.set(title="no shift" if kind == "none" else f"{kind} {level:g}",
+               xlabel="test batch size", ylabel="test accuracy")
+    axes[0][0].legend(fontsize=8)
+    return fig
