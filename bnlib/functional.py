@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = ["batch_norm", "channel_dims", "eval_scale_shift", "apply_scale_shift"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_REPEAT_MIN = 1 << 16  # elements from which _affine repeats the vectors to (C, L)
 
 
 def channel_dims(x: Tensor) -> tuple[int, ...]:
@@ -59,11 +60,12 @@ def _affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) 
     ``(N, C, H, W)`` inputs they would broadcast along the contiguous last dimension, where
     a three-operand kernel with two broadcast operands falls back to scalar code; so they
     are first repeated to ``(C, L)`` (:func:`_per_channel`, small) and ``x`` is viewed as
-    ``(N, C, L)``. Other layouts: a multiply and an in-place add.
+    ``(N, C, L)``. Small inputs (where the two extra calls cost more than the pass they
+    save) and other layouts: a multiply and an in-place add.
     """
     if x.dim() == 2 or x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
         return torch.addcmul(_broadcast(shift, x), x, _broadcast(scale, x), out=out)
-    if x.is_contiguous() and x.numel() > 0 and (out is None or out.is_contiguous()):
+    if x.numel() >= _REPEAT_MIN and x.is_contiguous() and (out is None or out.is_contiguous()):
         n, c = x.shape[:2]
         res = torch.addcmul(_per_channel(shift, x), x.view(n, c, -1), _per_channel(scale, x),
                             out=None if out is None else out.view(n, c, -1))
@@ -78,7 +80,7 @@ def _reference_point(x: Tensor) -> Tensor:
     since it is a shift that :func:`_moments` corrects exactly."""
     if x.dim() == 2:
         return x[0]
-    return x[0].reshape(x.shape[1], -1).mean(1)
+    return x[0].mean(tuple(range(1, x.dim() - 1)))
 
 
 def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -123,7 +125,7 @@ def _update_running(running_mean: Tensor | None, running_var: Tensor | None,
         k, d = mean
         unbiased = var.mul_(n / (n - 1))  # var is not needed after this
         torch._foreach_lerp_([running_mean, running_var],
-                             [k.add(d).to(running_mean.dtype), unbiased.to(running_var.dtype)],
+                             [_as(k.add(d), running_mean), _as(unbiased, running_var)],
                              momentum)
 
 
@@ -209,6 +211,11 @@ def apply_scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return _affine(x, scale.to(x.dtype), shift.to(x.dtype))
 
 
+def _as(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` in ``x``'s dtype (itself, without a dispatch, when it already is)."""
+    return t if t.dtype == x.dtype else t.to(x.dtype)
+
+
 def _check(x: Tensor, running_mean, running_var, weight, bias, training, momentum) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"batch_norm expects a Tensor, got {type(x).__name__}")
@@ -251,9 +258,8 @@ def batch_norm(
     _check(input, running_mean, running_var, weight, bias, training, momentum)
     c = input.shape[1]
     x = input.float() if input.dtype in _LOW_PRECISION else input
-    opts = dict(dtype=x.dtype, device=x.device)
-    w = weight.to(x.dtype) if weight is not None else torch.ones(c, **opts)
-    b = bias.to(x.dtype) if bias is not None else torch.zeros(c, **opts)
+    w = _as(weight, x) if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+    b = _as(bias, x) if bias is not None else torch.zeros(c, dtype=x.dtype, device=x.device)
 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad)
     if training:
@@ -265,10 +271,9 @@ def batch_norm(
     else:
         # Inference: a fixed affine map per channel (which is why it can be folded away).
         if needs_grad:
-            mean, invstd = running_mean.to(x.dtype), torch.rsqrt(running_var.to(x.dtype) + eps)
+            mean, invstd = _as(running_mean, x), torch.add(_as(running_var, x), eps).rsqrt_()
             out = _FrozenBatchNormFunction.apply(x, w, b, mean, invstd)
         else:
-            scale, shift = eval_scale_shift(running_mean.to(x.dtype), running_var.to(x.dtype),
-                                            w, b, eps)
+            scale, shift = eval_scale_shift(_as(running_mean, x), _as(running_var, x), w, b, eps)
             out = _affine(x, scale, shift)
-    return out.to(input.dtype)
+    return out if out.dtype == input.dtype else out.to(input.dtype)
