@@ -83,23 +83,33 @@ def _reference_point(x: Tensor) -> Tensor:
     return x[0].mean(tuple(range(1, x.dim() - 1)))
 
 
-def _moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _moments(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     """Shifted moments: ``(xk, sq, d, var, k)`` with ``xk = x − K`` (``K`` from
-    :func:`_reference_point`), ``sq = xk²`` (a spent buffer the caller may reuse),
-    ``d = mean(xk)``, the biased variance and ``K`` (the mean is ``K + d``).
+    :func:`_reference_point`), ``d = mean(xk)``, the biased variance and ``K`` (the mean
+    is ``K + d``); ``sq`` is a spent buffer of ``x``'s shape the caller may reuse, or None.
 
     ``var = mean(xk²) − d²`` is exact algebra; it cancels badly only when ``d`` is large
     next to the spread, and ``K`` close to the mean keeps ``d`` small. Computed on ``x``
     itself (``K = 0``: the textbook ``E[x²] − E[x]²``) a float32 batch at an offset of 1e5
     would lose every digit; shifted, it keeps float32 precision, and ``x − K`` is what the
     output and the backward pass scale, so no large offset cancels there either.
+
+    For contiguous ``(N, C, ...)`` inputs the sum of squares of each ``(example, channel)``
+    row is read as a squared Euclidean norm (``vector_norm`` along the contiguous last
+    dimension: one pass, no temporary); ``(N, C)`` inputs square into a buffer and average.
     """
     dims = channel_dims(x)
     k = _reference_point(x)
     xk = x - _broadcast(k, x)
-    sq = xk.square()
     d = xk.mean(dims)
-    var = torch.addcmul(sq.mean(dims), d, d, value=-1).clamp_(min=0)   # − d²
+    if x.dim() > 2 and xk.is_contiguous() and xk.numel() > 0:
+        n, c = x.shape[:2]
+        rows = torch.linalg.vector_norm(xk.view(n * c, -1), dim=1)     # √Σ xk² per row
+        msq, sq = rows.square_().view(n, c).sum(0).div_(xk.numel() // c), None
+    else:
+        sq = xk.square()
+        msq = sq.mean(dims)
+    var = torch.addcmul(msq, d, d, value=-1).clamp_(min=0)   # − d²
     return xk, sq, d, var, k
 
 
