@@ -37,7 +37,7 @@ from . import reference
 
 __all__ = ["AutogradBatchNorm", "NumpyBatchNorm", "NumpyBatchNormLayer", "IMPLEMENTATIONS", "SHAPES", "TINY_SHAPES",
            "PASSES", "time_interleaved", "compare", "comparison_table", "saved_bytes",
-           "memory_table"]
+           "memory_table", "op_count"]
 
 SHAPES: dict[str, tuple[int, ...]] = {
     "MLP (256, 512)": (256, 512),
@@ -331,6 +331,29 @@ def saved_bytes(layer: nn.Module, x: Tensor) -> dict[str, int]:
     own = xg.untyped_storage().data_ptr()
     return {"total": sum(storages.values()),
             "beyond_input": sum(b for p, b in storages.items() if p != own)}
+
+
+def op_count(impl: str, shape: tuple[int, ...], training: bool = True) -> dict[str, int]:
+    """How many ATen operations one step of ``impl`` dispatches (views included): the
+    ``forward`` pass and the ``backward`` pass of a step on a random input. With tensors
+    small enough that arithmetic is free, time per step grows with these counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    layer = _layer(impl, shape, torch.device("cpu")).train(training)
+    x = torch.randn(shape).requires_grad_(True)
+    dy = torch.randn(shape)
+    with _Count():
+        out = layer(x)
+        fwd = _Count.n
+        out.backward(dy)
+    return {"forward": fwd, "backward": _Count.n - fwd}
 
 
 def memory_table(shapes: Mapping[str, tuple[int, ...]] | None = None) -> pd.DataFrame:

@@ -11,15 +11,21 @@ number it produces comes from code you can read here:
   convention (``new = (1 - momentum) * old + momentum * batch``) and the *unbiased*
   variance, exactly like torch.
 
-Numerics: the variance is computed as the mean of squared deviations from the mean (never
-``E[x²] − E[x]²``, which cancels catastrophically when the features share a large
-offset), with the corrected two-pass refinement of the mean, and the output scales the
-centred values rather than ``x`` itself: a float32 batch at an offset of 1e5 is normalised
-to float32 precision (torch's native kernel loses about 1e-2 there). Half-precision inputs
-are normalised in float32 and cast back.
+Numerics: the statistics are *shifted* moments. Each channel is first moved by a value
+``K`` taken from the batch itself (the first example), ``xk = x − K``; the mean is
+``K + mean(xk)`` and the variance ``mean(xk²) − mean(xk)²``. On ``x`` itself that formula
+(``E[x²] − E[x]²``) cancels catastrophically when the features share a large offset; on
+``xk``, whose values are of the order of the spread, it does not, and the output and the
+backward pass scale ``xk`` too, never ``x``. A float32 batch at an offset of 1e5 is
+normalised to float32 precision (torch's native kernel loses about 1e-2 there).
+Half-precision inputs are normalised in float32 and cast back.
 
-Speed: every step is a plain tensor operation, so bnlib does a few more passes over memory
-than torch's fused kernel; ``benchmarks/bench_batchnorm.py`` measures the difference.
+Speed: every step is a plain tensor operation, chosen to touch memory as few times as
+that allows: one centring pass, one or two reductions for the moments, one fused
+multiply-add for the output (the affine folded into ``x · scale + shift``), two
+reductions and two passes for the closed-form backward, and the running statistics in
+one fused call. ``benchmarks/bench_batchnorm.py`` measures what is left of the gap to
+torch's fused kernel.
 """
 from __future__ import annotations
 

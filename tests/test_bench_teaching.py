@@ -111,3 +111,13 @@ def test_memory_table_rows():
     mem = B.memory_table({"t": (16, 4)})
     assert list(mem["implementation"]) == ["native", "bnlib", "d2l-style"]
     assert mem.loc[mem["implementation"] == "native", "ratio"].item() == 1.0
+
+
+def test_op_count_of_a_training_step_stays_small():
+    """The MLP case is bound by the number of tensor operations: keep it from creeping up."""
+    ours = B.op_count("bnlib", (16, 8))
+    native = B.op_count("native", (16, 8))
+    d2l = B.op_count("d2l-style", (16, 8))
+    assert ours["forward"] + ours["backward"] <= 32
+    assert ours["forward"] + ours["backward"] < d2l["forward"] + d2l["backward"]
+    assert native["forward"] + native["backward"] < ours["forward"] + ours["backward"]
