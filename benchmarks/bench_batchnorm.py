@@ -1,145 +1,148 @@
-"""Time bnlib's batch norm against torch's native one.
+"""Time bnlib's batch norm against torch's native one and two teaching implementations.
 
 For an MLP-shaped input ``(256, 512)`` (``BatchNorm1d``) and a CNN-shaped input
 ``(64, 64, 32, 32)`` (``BatchNorm2d``) it times, in training and in evaluation mode, the
-forward pass and the forward + backward pass of both implementations. The two
-implementations are *interleaved* (A B, then B A, and so on) so that slow drifts of the
-machine (other processes, clock changes, thermal throttling) hit both alike and neither
-always runs first; each measurement is the median, with the interquartile range, of many
-repeats. On CUDA every timed call is
-bracketed by ``torch.cuda.synchronize()`` and preceded by warm-up calls.
+forward pass and the forward + backward pass of
+
+* ``native``: ``torch.nn.BatchNorm1d/2d``;
+* ``bnlib``: ``bnlib.nn.BatchNorm1d/2d``;
+* ``d2l-style``: a layer that lets autograd differentiate through its mean and variance;
+* ``CS231n NumPy layer`` / ``raw``: NumPy forward and closed-form backward, wrapped as a
+  PyTorch layer, and on bare arrays (no autograd at all);
+
+and counts the bytes a training step saves for its backward pass. The implementations
+are *interleaved* (a fresh random order in every repeat) so that slow spells of a shared
+machine hit all of them alike; the clock is this process's CPU time on the CPU (all
+threads together) and wall time between synchronisations on CUDA. Each entry is the
+median, with the interquartile range, of ``--repeats`` calls. The machinery lives in
+:mod:`bnlib.benchmark`.
 
 Usage::
 
-    python benchmarks/bench_batchnorm.py                   # CPU, 2 threads
+    OMP_NUM_THREADS=1 python benchmarks/bench_batchnorm.py --threads 1 --csv run1.csv
+    OMP_NUM_THREADS=2 python benchmarks/bench_batchnorm.py --threads 2 --csv run2.csv
+    python benchmarks/bench_batchnorm.py --summarize run1.csv run2.csv ...  # medians of runs
     python benchmarks/bench_batchnorm.py --device cuda --repeats 200
-    python benchmarks/bench_batchnorm.py --threads 1 --repeats 50 --clock cpu
 
-It prints a Markdown table (times in microseconds, ratio = bnlib / torch; below 1 means
-bnlib is faster).
+It prints Markdown tables (times in microseconds; ratio = implementation / native, below 1
+means faster than torch's kernel).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
+import pandas as pd
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bnlib  # noqa: E402
-from bnlib import nn as bnn  # noqa: E402
+from bnlib import benchmark as B  # noqa: E402
 from bnlib.provenance import device_name  # noqa: E402
 
-SHAPES = {
-    "MLP (256, 512), BatchNorm1d": ((256, 512), nn.BatchNorm1d, bnn.BatchNorm1d),
-    "CNN (64, 64, 32, 32), BatchNorm2d": ((64, 64, 32, 32), nn.BatchNorm2d, bnn.BatchNorm2d),
-}
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
 
 
-def make_step(layer: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], None]:
-    """One call to time: forward (no autograd graph) or forward + backward."""
-    if not backward:
-        def step() -> None:
-            with torch.no_grad():
-                layer(x)
-        return step
-    xg = x.detach().clone().requires_grad_(True)
-    grad = torch.randn_like(x)
-
-    def step() -> None:
-        layer(xg).backward(grad)
-        xg.grad = None
-        layer.weight.grad = None
-        layer.bias.grad = None
-    return step
+def goal_table(df: pd.DataFrame) -> str:
+    """bnlib against native, every pass: medians (IQR) and the ratio."""
+    lines = ["| input | pass | native µs (IQR) | bnlib µs (IQR) | bnlib / native |",
+             "|---|---|---:|---:|---:|"]
+    for (inp, p), g in df.groupby(["input", "pass"], sort=False):
+        r = g.set_index("implementation")
+        if "bnlib" not in r.index or "native" not in r.index:
+            continue
+        n, b = r.loc["native"], r.loc["bnlib"]
+        lines.append(f"| {inp} | {p} | {_fmt(n.median_us)} ({_fmt(n.iqr_us)}) | "
+                     f"{_fmt(b.median_us)} ({_fmt(b.iqr_us)}) | {b.ratio:.2f}× |")
+    return "\n".join(lines)
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+def teaching_table(df: pd.DataFrame) -> str:
+    """Every implementation, training forward + backward and evaluation forward."""
+    impls = [i for i in B.IMPLEMENTATIONS if i in set(df["implementation"])]
+    lines = ["| input | pass | " + " | ".join(impls) + " |",
+             "|---|---|" + "---:|" * len(impls)]
+    for (inp, p), g in df.groupby(["input", "pass"], sort=False):
+        if p not in ("train fwd+bwd", "eval fwd"):
+            continue
+        r = g.set_index("implementation")
+        cells = [f"{_fmt(r.loc[i].median_us)} ({r.loc[i].ratio:.2f}×)" if i in r.index else "–"
+                 for i in impls]
+        lines.append(f"| {inp} | {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def timed(step: Callable[[], None], device: torch.device, clock: Callable[[], float]) -> float:
-    """Seconds for one call of ``step`` (synchronising the GPU before and after)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = clock()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return clock() - t0
+def memory_markdown(mem: pd.DataFrame) -> str:
+    lines = ["| input | implementation | saved for backward | of which beyond the input | / native |",
+             "|---|---|---:|---:|---:|"]
+    for row in mem.itertuples():
+        lines.append(f"| {row.input} | {row.implementation} | {row.saved_bytes / 2**20:.3f} MiB | "
+                     f"{row.beyond_input_bytes / 2**20:.3f} MiB | {row.ratio:.2f}× |")
+    return "\n".join(lines)
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
-
-
-def bench(shape, torch_cls, bnlib_cls, *, mode: str, backward: bool, device: torch.device,
-          repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Median and IQR (µs) of both implementations, measured interleaved."""
-    torch.manual_seed(0)
-    x = torch.randn(*shape, device=device)
-    layers = {"torch": torch_cls(shape[1]).to(device), "bnlib": bnlib_cls(shape[1]).to(device)}
-    for layer in layers.values():
-        layer.train(mode == "train")
-    steps = {name: make_step(layer, x, backward) for name, layer in layers.items()}
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {"torch": [], "bnlib": []}
-    for i in range(repeats):
-        order = ("torch", "bnlib") if i % 2 == 0 else ("bnlib", "torch")  # ABBA: no order bias
-        for name in order:
-            times[name].append(timed(steps[name], device, clock))
-    out = {}
-    for name, values in times.items():
-        q1, med, q3 = quartiles([v * 1e6 for v in values])
-        out[name] = (med, q3 - q1)
-    out["ratio"] = out["bnlib"][0] / out["torch"][0]
+def summarize(paths: list[str]) -> pd.DataFrame:
+    """Median over several runs' CSVs of each (threads, input, pass, implementation)."""
+    runs = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    keys = ["threads", "input", "pass", "implementation"]
+    out = runs.groupby(keys, sort=False).agg(median_us=("median_us", "median"),
+                                             iqr_us=("iqr_us", "median"),
+                                             ratio=("ratio", "median"),
+                                             runs=("ratio", "size")).reset_index()
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    p.add_argument("--repeats", type=int, default=100, help="timed calls per implementation")
-    p.add_argument("--warmup", type=int, default=10, help="untimed calls first")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
-    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                   help="wall: elapsed time (default); cpu: this process's CPU time, which a "
-                        "busy shared machine disturbs less (CPU only, best with --threads 1)")
+    p.add_argument("--repeats", type=int, default=25, help="timed calls per implementation")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--shapes", choices=["full", "tiny"], default="full",
+                   help="full: the (256, 512) and (64, 64, 32, 32) inputs; tiny: a quick check")
+    p.add_argument("--csv", help="also write the results (one row per entry) to this CSV")
+    p.add_argument("--summarize", nargs="+", metavar="CSV",
+                   help="print the median over earlier runs' CSVs instead of timing")
     args = p.parse_args(argv)
+    if args.summarize:
+        try:
+            s = summarize(args.summarize)
+        except (OSError, KeyError, pd.errors.ParserError) as e:
+            p.error(f"cannot summarise {args.summarize}: {e}")
+        for threads, g in s.groupby("threads", sort=True):
+            print(f"\n### {threads} thread(s), median of {int(g['runs'].min())}–"
+                  f"{int(g['runs'].max())} runs\n")
+            print(goal_table(g))
+            print()
+            print(teaching_table(g))
+        return 0
     if args.repeats < 4:
         p.error("--repeats must be at least 4 (quartiles)")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda asked for but no CUDA GPU is available")
-    if device.type == "cuda" and args.clock != "wall":
-        p.error("--clock cpu measures CPU time only; use the wall clock on CUDA")
-    torch.set_num_threads(args.threads)
-    dev_name = device_name(device)
-
+    shapes = B.SHAPES if args.shapes == "full" else B.TINY_SHAPES
     load = ", load average {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
-    print(f"bnlib {bnlib.__version__} vs torch {torch.__version__} native batch norm — "
-          f"{dt.date.today().isoformat()}, {dev_name}, device={device}, "
-          f"threads={torch.get_num_threads()}, repeats={args.repeats}, {args.clock} clock, "
-          f"float32{load}\n")
-    print("| input | mode | pass | torch µs (IQR) | bnlib µs (IQR) | bnlib / torch |")
-    print("|---|---|---|---:|---:|---:|")
-    for label, (shape, torch_cls, bnlib_cls) in SHAPES.items():
-        for mode in ("train", "eval"):
-            for backward in (False, True):
-                r = bench(shape, torch_cls, bnlib_cls, mode=mode, backward=backward, device=device,
-                          repeats=args.repeats, warmup=args.warmup, clock=CLOCKS[args.clock])
-                kind = "fwd+bwd" if backward else "fwd"
-                print(f"| {label} | {mode} | {kind} | {r['torch'][0]:.0f} ({r['torch'][1]:.0f}) "
-                      f"| {r['bnlib'][0]:.0f} ({r['bnlib'][1]:.0f}) | {r['ratio']:.2f}× |", flush=True)
+    clock = "CPU time" if device.type == "cpu" else "wall time"
+    print(f"bnlib {bnlib.__version__}, torch {torch.__version__} — "
+          f"{dt.date.today().isoformat()}, {device_name(device)}, device={device}, "
+          f"threads={args.threads}, repeats={args.repeats}, {clock}, float32{load}\n")
+    df = B.compare(shapes, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
+                   device=device)
+    df.insert(0, "threads", args.threads)
+    print(goal_table(df))
+    print()
+    print(teaching_table(df))
+    if device.type == "cpu":
+        print()
+        print(memory_markdown(B.memory_table(shapes)))
+    if args.csv:
+        df.to_csv(args.csv, index=False)
     return 0
 
 

@@ -11,24 +11,31 @@ number it produces comes from code you can read here:
   convention (``new = (1 - momentum) * old + momentum * batch``) and the *unbiased*
   variance, exactly like torch.
 
-Numerics: the variance is computed as the mean of squared deviations from the mean (never
-``E[x²] − E[x]²``, which cancels catastrophically when the features share a large
-offset), with the corrected two-pass refinement of the mean, and the output scales the
-centred values rather than ``x`` itself: a float32 batch at an offset of 1e5 is normalised
-to float32 precision (torch's native kernel loses about 1e-2 there). Half-precision inputs
-are normalised in float32 and cast back.
+Numerics: the statistics are *shifted* moments. Each channel is first moved by a value
+``K`` taken from the batch itself (the first example), ``xk = x − K``; the mean is
+``K + mean(xk)`` and the variance ``mean(xk²) − mean(xk)²``. On ``x`` itself that formula
+(``E[x²] − E[x]²``) cancels catastrophically when the features share a large offset; on
+``xk``, whose values are of the order of the spread, it does not, and the output and the
+backward pass scale ``xk`` too, never ``x``. A float32 batch at an offset of 1e5 is
+normalised to float32 precision (torch's native kernel loses about 1e-2 there).
+Half-precision inputs are normalised in float32 and cast back.
 
-Speed: every step is a plain tensor operation, so bnlib does a few more passes over memory
-than torch's fused kernel; ``benchmarks/bench_batchnorm.py`` measures the difference.
+Speed: every step is a plain tensor operation, chosen to touch memory as few times as
+that allows: one centring pass, one or two reductions for the moments, one fused
+multiply-add for the output (the affine folded into ``x · scale + shift``), two
+reductions and two passes for the closed-form backward, and the running statistics in
+one fused call. ``benchmarks/bench_batchnorm.py`` measures what is left of the gap to
+torch's fused kernel.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_norm", "channel_dims"]
+__all__ = ["batch_norm", "channel_dims", "eval_scale_shift", "apply_scale_shift"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_REPEAT_MIN = 1 << 16  # elements from which _affine repeats the vectors to (C, L)
 
 
 def channel_dims(x: Tensor) -> tuple[int, ...]:
@@ -38,78 +45,138 @@ def channel_dims(x: Tensor) -> tuple[int, ...]:
 
 def _broadcast(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-channel vector ``(C,)`` so it broadcasts against ``x`` ``(N, C, ...)``."""
-    return v.view((1, -1) + (1,) * (x.dim() - 2))
+    return v if x.dim() == 2 else v.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    """``v`` of shape ``(C,)`` repeated along the trailing dims of a contiguous ``x``
+    ``(N, C, ...)``: a ``(C, L)`` tensor (one example's worth of memory), so that it
+    broadcasts against ``x`` viewed as ``(N, C, L)`` along the *outer* dimension only."""
+    c = x.shape[1]
+    return v.view(c, 1).expand(c, x[0].numel() // c).contiguous()
 
 
 def _affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
     """``x · scale + shift`` with per-channel ``scale`` and ``shift`` of shape ``(C,)``,
-    written into ``out`` when given (a spent temporary of ``x``'s shape: reusing it keeps
-    the memory, and the cache, a pass needs smaller).
+    in one fused pass (``addcmul``), written into ``out`` when given (a spent temporary of
+    ``x``'s shape: reusing it keeps the memory, and the cache, a pass needs smaller).
 
-    For ``(N, C)`` inputs this is one fused pass (``addcmul``). For ``(N, C, L)`` and
-    ``(N, C, H, W)`` it is a multiply and an in-place add: there both vectors are
-    broadcast along the contiguous last dimension, where PyTorch's CPU ``addcmul``
-    kernel (three operands, two of them broadcast) falls back to scalar code and is
-    slower than two vectorised passes.
+    For ``(N, C)`` and channels-last inputs the two vectors broadcast along outer
+    dimensions, which PyTorch's CPU kernels vectorise. For contiguous ``(N, C, L)`` and
+    ``(N, C, H, W)`` inputs they would broadcast along the contiguous last dimension, where
+    a three-operand kernel with two broadcast operands falls back to scalar code; so they
+    are first repeated to ``(C, L)`` (:func:`_per_channel`, small) and ``x`` is viewed as
+    ``(N, C, L)``. Small inputs (where the two extra calls cost more than the pass they
+    save) and other layouts: a multiply and an in-place add.
     """
-    if x.dim() == 2:
-        return torch.addcmul(shift, x, scale, out=out)
+    if x.dim() == 2 or x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+        return torch.addcmul(_broadcast(shift, x), x, _broadcast(scale, x), out=out)
+    if x.numel() >= _REPEAT_MIN and x.is_contiguous() and (out is None or out.is_contiguous()):
+        n, c = x.shape[:2]
+        res = torch.addcmul(_per_channel(shift, x), x.view(n, c, -1), _per_channel(scale, x),
+                            out=None if out is None else out.view(n, c, -1))
+        return res.view(x.shape)
     return torch.mul(x, _broadcast(scale, x), out=out).add_(_broadcast(shift, x))
 
 
-def _normalize(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
-    """The training-mode forward pass: ``(out, mean, var, saved)``, where ``mean`` and ``var``
-    (biased) are the batch statistics and ``saved`` is what the backward pass needs."""
+def _reference_point(x: Tensor) -> Tensor:
+    """A cheap per-channel value ``K`` near the batch mean: the first example (for
+    ``(N, C, ...)`` inputs, the mean over its positions). It costs nothing (a view) or
+    one small reduction over 1/N of the data; only its closeness to the mean matters,
+    since it is a shift that :func:`_moments` corrects exactly."""
+    if x.dim() == 2:
+        return x[0]
+    return x[0].mean(tuple(range(1, x.dim() - 1)))
+
+
+def _moments(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """Shifted moments: ``(xk, sq, d, var, k)`` with ``xk = x − K`` (``K`` from
+    :func:`_reference_point`), ``d = mean(xk)``, the biased variance and ``K`` (the mean
+    is ``K + d``); ``sq`` is a spent buffer of ``x``'s shape the caller may reuse, or None.
+
+    ``var = mean(xk²) − d²`` is exact algebra; it cancels badly only when ``d`` is large
+    next to the spread, and ``K`` close to the mean keeps ``d`` small. Computed on ``x``
+    itself (``K = 0``: the textbook ``E[x²] − E[x]²``) a float32 batch at an offset of 1e5
+    would lose every digit; shifted, it keeps float32 precision, and ``x − K`` is what the
+    output and the backward pass scale, so no large offset cancels there either.
+
+    For contiguous ``(N, C, ...)`` inputs the sum of squares of each ``(example, channel)``
+    row is read as a squared Euclidean norm (``vector_norm`` along the contiguous last
+    dimension: one pass, no temporary); ``(N, C)`` inputs square into a buffer and average.
+    """
     dims = channel_dims(x)
-    # Centre first, then average squared deviations (two passes, never E[x²] − E[x]²).
-    # The float32 mean of values with a large common offset is off by about an ulp of the
-    # offset; ``r``, the mean of the centred values, measures that residue, and
-    # mean((xc − r)²) = mean(xc²) − r² is exact algebra on *centred* data, where r is
-    # tiny: the "corrected two-pass" algorithm (Chan, Golub & LeVeque, 1983).
-    mean0 = x.mean(dims)
-    xc = x - _broadcast(mean0, x)
-    r = xc.mean(dims)
-    sq = xc.square()
-    var = torch.addcmul(sq.mean(dims), r, r, value=-1).clamp_(min=0)  # − r²
-    invstd = torch.rsqrt(var + eps)
-    # out = γ · x̂ + β with x̂ = (xc − r) · invstd, i.e. xc · scale + (β − r · scale)
-    # (x̂ is never stored). Scaling the centred xc, not x, keeps a large offset from
-    # cancelling.
+    k = _reference_point(x)
+    xk = x - _broadcast(k, x)
+    d = xk.mean(dims)
+    if x.dim() > 2 and xk.is_contiguous() and xk.numel() > 0:
+        n, c = x.shape[:2]
+        rows = torch.linalg.vector_norm(xk.view(n * c, -1), dim=1)     # √Σ xk² per row
+        msq, sq = rows.square_().view(n, c).sum(0).div_(xk.numel() // c), None
+    else:
+        sq = xk.square()
+        msq = sq.mean(dims)
+    var = torch.addcmul(msq, d, d, value=-1).clamp_(min=0)   # − d²
+    return xk, sq, d, var, k
+
+
+def _normalize(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    """The training-mode forward pass: ``(out, (k, d), var, saved)``: the batch mean is
+    ``k + d``, ``var`` the biased variance, ``saved`` what the backward pass needs."""
+    xk, sq, d, var, k = _moments(x)
+    invstd = torch.add(var, eps).rsqrt_()
+    # out = γ · x̂ + β with x̂ = (xk − d) · invstd, i.e. one multiply-add per element:
+    # xk · scale + (β − d · scale). Scaling xk, not x, keeps a large offset from cancelling.
     scale = invstd * weight
-    out = _affine(xc, scale, torch.addcmul(bias, r, scale, value=-1), out=sq)
-    return out, mean0 + r, var, (xc, r, invstd)
+    out = _affine(xk, scale, torch.addcmul(bias, d, scale, value=-1), out=sq)
+    return out, (k, d), var, (xk, d, invstd, scale)
+
+
+def _update_running(running_mean: Tensor | None, running_var: Tensor | None,
+                    mean: tuple[Tensor, Tensor], var: Tensor, n: int, momentum: float) -> None:
+    """``running ← (1 − momentum) · running + momentum · batch``, in place, with the batch
+    mean ``k + d`` and the unbiased batch variance; both buffers in one fused call."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        k, d = mean
+        unbiased = var.mul_(n / (n - 1))  # var is not needed after this
+        torch._foreach_lerp_([running_mean, running_var],
+                             [_as(k.add(d), running_mean), _as(unbiased, running_var)],
+                             momentum)
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """Normalise with batch statistics; backward is the closed form of chapter 2."""
+    """Normalise with batch statistics (and update the running ones); backward is the
+    closed form of chapter 2."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
-        out, mean, var, (xc, r, invstd) = _normalize(x, weight, bias, eps)
-        ctx.save_for_backward(xc, r, invstd, weight)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, running_mean, running_var,
+                momentum: float, eps: float):
+        out, mean, var, saved = _normalize(x, weight, bias, eps)
+        _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout: Tensor, _dmean, _dvar):
-        xc, r, invstd, weight = ctx.saved_tensors   # x̂ = (xc − r) · invstd
-        dims = channel_dims(xc)
-        n = xc.numel() // xc.shape[1]
+    def backward(ctx, dout: Tensor):
+        xk, d, invstd, scale = ctx.saved_tensors   # x̂ = (xk − d) · invstd, scale = γ · invstd
+        dims = channel_dims(xk)
+        n = xk.numel() // xk.shape[1]
         dbias = dout.sum(dims)                                                    # Σ dy
-        prod = dout * xc
-        dweight = torch.addcmul(prod.sum(dims), r, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
+        prod = dout * xk
+        dweight = torch.addcmul(prod.sum(dims), d, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂)). Expanding x̂ makes it
-            # k·dy + c0 + c1·xc with per-channel k = γ/σ, c1 = −k/σ · mean(dy·x̂) and
-            # c0 = −k · mean(dy) − r · c1: two passes over the big tensors.
-            k = weight * invstd
-            k_n = k / -n
-            c1 = k_n * invstd * dweight
-            c0 = torch.addcmul(k_n * dbias, r, c1, value=-1)
-            dx = _affine(dout, k, c0, out=prod).addcmul_(xc, _broadcast(c1, xc))
-        return dx, dweight, dbias, None
+            # k·dy + c1·xk + c0 with per-channel k = γ/σ, c1 = −k/σ · mean(dy·x̂) and
+            # c0 = −k · mean(dy) − d · c1: two passes over the big tensors.
+            k_n = scale * (-1.0 / n)                                              # −k / n
+            c1 = (k_n * invstd).mul_(dweight)
+            c0 = torch.addcmul(k_n * dbias, d, c1, value=-1)
+            dx = _affine(dout, scale, c0, out=prod)
+            dx.addcmul_(xk, _broadcast(c1, xk))
+        return dx, dweight, dbias, None, None, None, None
 
 
 class _FrozenBatchNormFunction(torch.autograd.Function):
@@ -120,21 +187,49 @@ class _FrozenBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, invstd: Tensor):
         scale = invstd * weight
-        ctx.save_for_backward(x, mean, invstd, weight)
+        ctx.save_for_backward(x, mean, invstd, scale)
         return _affine(x, scale, torch.addcmul(bias, mean, scale, value=-1))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
-        x, mean, invstd, weight = ctx.saved_tensors
+        x, mean, invstd, scale = ctx.saved_tensors
         dims = channel_dims(x)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = dout * _broadcast(weight * invstd, x)
+            dx = dout * _broadcast(scale, x)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dbias = dout.sum(dims)                                             # Σ dy
             dweight = torch.addcmul((dout * x).sum(dims), mean, dbias, value=-1).mul_(invstd)
         return dx, dweight, dbias, None, None
+
+
+def eval_scale_shift(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
+                     bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(scale, shift)`` of evaluation mode: ``y = x · scale + shift`` with
+    ``scale = γ / √(running_var + ε)`` and ``shift = β − running_mean · scale``.
+
+    A layer can compute them once and reuse them while its parameters and buffers do not
+    change (:class:`bnlib.nn.BatchNorm1d` does); :func:`apply_scale_shift` applies them.
+    """
+    scale = torch.add(running_var, eps).rsqrt_()
+    if weight is not None:
+        scale.mul_(weight)
+    shift = torch.mul(running_mean, scale).neg_() if bias is None else \
+        torch.addcmul(bias, running_mean, scale, value=-1)
+    return scale, shift
+
+
+def apply_scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x · scale + shift`` per channel, in one pass (half precision computed in float32)."""
+    if x.dtype in _LOW_PRECISION:
+        return _affine(x.float(), scale.float(), shift.float()).to(x.dtype)
+    return _affine(x, scale.to(x.dtype), shift.to(x.dtype))
+
+
+def _as(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` in ``x``'s dtype (itself, without a dispatch, when it already is)."""
+    return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
 def _check(x: Tensor, running_mean, running_var, weight, bias, training, momentum) -> None:
@@ -179,27 +274,22 @@ def batch_norm(
     _check(input, running_mean, running_var, weight, bias, training, momentum)
     c = input.shape[1]
     x = input.float() if input.dtype in _LOW_PRECISION else input
-    opts = dict(dtype=x.dtype, device=x.device)
-    w = weight.to(x.dtype) if weight is not None else torch.ones(c, **opts)
-    b = bias.to(x.dtype) if bias is not None else torch.zeros(c, **opts)
+    w = _as(weight, x) if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+    b = _as(bias, x) if bias is not None else torch.zeros(c, dtype=x.dtype, device=x.device)
 
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad)
     if training:
         if needs_grad:
-            out, mean, var = _BatchNormFunction.apply(x, w, b, eps)
+            out = _BatchNormFunction.apply(x, w, b, running_mean, running_var, momentum, eps)
         else:  # nothing to differentiate: skip the autograd.Function machinery
             out, mean, var, _ = _normalize(x, w, b, eps)
-        if running_mean is not None and running_var is not None:
-            n = x.numel() // c
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-                running_var.mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))  # unbiased
+            _update_running(running_mean, running_var, mean, var, x.numel() // c, momentum)
     else:
         # Inference: a fixed affine map per channel (which is why it can be folded away).
-        mean, invstd = running_mean.to(x.dtype), torch.rsqrt(running_var.to(x.dtype) + eps)
         if needs_grad:
+            mean, invstd = _as(running_mean, x), torch.add(_as(running_var, x), eps).rsqrt_()
             out = _FrozenBatchNormFunction.apply(x, w, b, mean, invstd)
         else:
-            scale = invstd * w
-            out = _affine(x, scale, torch.addcmul(b, mean, scale, value=-1))
-    return out.to(input.dtype)
+            scale, shift = eval_scale_shift(_as(running_mean, x), _as(running_var, x), w, b, eps)
+            out = _affine(x, scale, shift)
+    return out if out.dtype == input.dtype else out.to(input.dtype)
