@@ -220,39 +220,16 @@ def _step(impl: str, shape: tuple[int, ...], pass_: str, device: torch.device) -
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_interleaved(fns: Mapping[str, Callable[[], None]], *, repeats: int = 20,
                      warmup: int = 3, seed: int = 0,
                      device: torch.device | str = "cpu") -> dict[str, list[float]]:
-    """Seconds per call of each function, ``repeats`` times each, interleaved.
-
-    Every repeat calls the functions in a fresh random order (seeded), so a slow spell of
-    a shared machine hits every function alike rather than one function's block.
-    ``warmup`` untimed rounds come first. The clock is this process's CPU time on the CPU
-    (time spent descheduled by other processes does not count; with several threads it
-    adds up their CPU time) and wall time between GPU synchronisations on CUDA.
-    """
-    device = torch.device(device)
-    clock = time.process_time if device.type == "cpu" else time.perf_counter
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    rng = random.Random(seed)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        rng.shuffle(names)
-        for name in names:
-            _sync(device)
-            t0 = clock()
-            fns[name]()
-            _sync(device)
-            times[name].append(clock() - t0)
-    return times
+    """Seconds per call of each function, ``repeats`` times each, interleaved: the book's
+    timing harness (:func:`bnlib.timing.time_interleaved`: a fresh seeded order in every
+    repeat, CPU time on the CPU, wall time between synchronisations on a GPU), as lists."""
+    from .timing import time_interleaved as _harness
+    df = _harness(fns, repeats=repeats, number=1, warmup=warmup, seed=seed,
+                  device=torch.device(device))
+    return {name: df.loc[df["name"] == name, "seconds"].tolist() for name in fns}
 
 
 def compare(shapes: Mapping[str, tuple[int, ...]] | None = None, *,
