@@ -335,8 +335,10 @@ def _run(model, nets, ds, members, hyper, steps, bsz, eval_every, eval_splits,
     rows: list[list[dict]] = [[] for _ in range(M)]
     diverged: list[int | None] = [None] * M
     elapsed = [0.0] * M
-    loss_buf = torch.zeros(eval_every, M, dtype=torch.float64)
-    correct_buf = torch.zeros(eval_every, M, dtype=torch.long)
+    # Per-step losses and correct counts stay on the device until the next evaluation:
+    # no per-step host sync (one transfer per evaluation).
+    loss_buf = torch.zeros(eval_every, M, dtype=torch.float64, device=dev)
+    correct_buf = torch.zeros(eval_every, M, dtype=torch.long, device=dev)
     count = 0                               # steps recorded since the last evaluation
     seen = min(bsz, n)
 
@@ -349,8 +351,7 @@ def _run(model, nets, ds, members, hyper, steps, bsz, eval_every, eval_splits,
         idx = torch.tensor(keep, dtype=torch.long, device=dev)
         stack.keep(idx)
         lr, mom, wd = lr[idx], mom[idx], wd[idx]
-        cpu_idx = idx.cpu()
-        loss_buf, correct_buf = loss_buf[:, cpu_idx], correct_buf[:, cpu_idx]
+        loss_buf, correct_buf = loss_buf[:, idx], correct_buf[:, idx]
         active = [active[p] for p in keep]
 
     def log(step: int) -> None:
@@ -358,7 +359,7 @@ def _run(model, nets, ds, members, hyper, steps, bsz, eval_every, eval_splits,
         nonlocal count
         gone: list[int] = []
         if count:
-            losses = loss_buf[:count]
+            losses = loss_buf[:count].cpu()
             finite = torch.isfinite(losses)
             bad = (~finite.all(0)).tolist()
             first_bad = torch.argmax((~finite).to(torch.int8), 0).tolist()
