@@ -395,7 +395,6 @@ def _run(model, nets, ds, members, hyper, steps, bsz, eval_every, eval_splits,
             drop(sorted(gone))
 
     log(0)
-    params = None
     for step in range(1, steps + 1):
         if not active:
             break
