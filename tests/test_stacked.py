@@ -170,3 +170,15 @@ def test_supported_and_bad_input(digits32):
         fit_many(MLPSpec(), SPEC, digits32, [])
     with pytest.raises(ValueError, match="learning rate"):
         fit_many(MLPSpec(), SPEC, digits32, [Member(0, lr=-1.0)])
+
+
+@pytest.mark.cuda
+def test_cuda_matches_fit():
+    data = datasets.load("digits")
+    spec = dataclasses.replace(SPEC, device="cuda")
+    model = MODELS["bn-before"]
+    members = [Member(0, lr=0.1), Member(1, lr=0.05)]
+    for m, df in zip(members, fit_many(model, spec, data, members)):
+        ref = fit(model, dataclasses.replace(spec, lr=m.lr), data, m.seed)
+        rows, params = compare(ref, ref.attrs["model"], df)
+        assert rows < 1e-3 and params < 1e-3, (m, rows, params)
