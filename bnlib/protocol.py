@@ -135,6 +135,7 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
                 members = [engine.Member(seed=s, lr=lr) for s in seeds for lr in lrs]
                 histories = engine.fit_many(base.model, spec, data, members)
                 for m, h in zip(members, histories):
+                    h.attrs = {}
                     frames.append(h.assign(arm=arm, seed=m.seed, **extra,
                                            **({"lr": m.lr} if "train.lr" in grid else {})))
                 continue
@@ -142,7 +143,7 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
             for s, lr in progress.bar(cells, total=len(cells), desc=arm):
                 h = fit(base.model, dataclasses.replace(spec, lr=lr), data, s,
                         callbacks=callbacks() if callbacks else ())
-                h.attrs.pop("model", None)
+                h.attrs = {}
                 frames.append(h.assign(arm=arm, seed=s, **extra,
                                        **({"lr": lr} if "train.lr" in grid else {})))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -259,6 +259,8 @@ def fit(model: "ModelSpec", spec: TrainSpec, data: Dataset | str, seed: int, *,
     ds = model.inputs(ds)
     with runtime.pinned_threads():
         net = model.build(seed, ds)
+        if ds.train.x.is_floating_point():
+            net = net.to(ds.train.x.dtype)     # float64 data trains a float64 network
         df = train(net, ds, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
                    optimizer=spec.optimizer, momentum=spec.momentum,
                    weight_decay=spec.weight_decay, seed=seed, device=spec.device,
