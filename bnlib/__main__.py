@@ -98,6 +98,9 @@ def _run(args, argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     df = experiments.run(exp.name, args.scale, overrides=_overrides_of(cfg, exp),
                          cache_results=not args.no_cache)
+    from .distributed import is_main
+    if not is_main():  # under torchrun, rank 0 alone writes the results
+        return 0
     prov = dict(df.attrs["provenance"])
     df.attrs = {}
     df.to_csv(out / f"{exp.name}.csv", index=False)

@@ -276,6 +276,11 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def launched() -> bool:
+    """True in a process that ``torchrun`` started as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "RANK" in os.environ
+
+
 def cleanup() -> None:
     """Leave the process group, if there is one."""
     if dist.is_available() and dist.is_initialized():

@@ -190,3 +190,11 @@ def convert(model: nn.Module, to: Literal["bnlib", "torch"] = "bnlib") -> nn.Mod
         else:
             convert(child, to)
     return model
+
+
+def __getattr__(name: str):
+    """``bnlib.nn.SyncBatchNorm``, imported lazily (bnlib.distributed imports this module)."""
+    if name == "SyncBatchNorm":
+        from .distributed import SyncBatchNorm
+        return SyncBatchNorm
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

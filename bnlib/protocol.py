@@ -117,7 +117,8 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
     grid = dict(grid or {})
     names = list(cfg.arms if arms is None else arms)
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    engine = _stacked() if stacked and callbacks is None else None
+    from .distributed import launched
+    engine = _stacked() if stacked and callbacks is None and not launched() else None
     frames = []
     for arm in names:
         acfg = arm_config(cfg, arm)

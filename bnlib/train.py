@@ -240,6 +240,7 @@ class TrainSpec:
     eval_every: int = 10
     eval_splits: tuple[str, ...] = ("val", "test")
     device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
+    sync_bn: bool = False             # under torchrun: synced batch statistics across ranks
 
 
 def fit(model: "ModelSpec", spec: TrainSpec, data: Dataset | str, seed: int, *,
@@ -249,18 +250,32 @@ def fit(model: "ModelSpec", spec: TrainSpec, data: Dataset | str, seed: int, *,
     """Train ``model`` (a spec, built with ``seed``) on ``data`` with ``spec``: one run.
 
     The model's initialisation and the batch order both come from ``seed``, so arms that
-    share a seed are paired. Runs with bnlib's thread count (:mod:`bnlib.runtime`), so the
+    share a seed are paired. Launched by ``torchrun --nproc_per_node N``, every rank trains
+    its shard of each global batch in ``DistributedDataParallel`` (gloo on the CPU, NCCL on
+    GPUs; :mod:`bnlib.distributed`), with batch norm per device or synced (``spec.sync_bn``). Runs with bnlib's thread count (:mod:`bnlib.runtime`), so the
     history is the same on every machine setting. Returns the tidy history
     (``step, split, loss, accuracy, elapsed, diverged``); the trained network is in
     ``df.attrs["model"]`` for probes that need it afterwards.
     """
     from . import data as datasets
+    from . import distributed
     ds = datasets.load(data) if isinstance(data, str) else data
     ds = model.inputs(ds)
+    dtype = ds.train.x.dtype if ds.train.x.is_floating_point() else None
+    if distributed.launched():  # under torchrun: this rank's share of data-parallel training
+        distributed.init_from_env()
+        with runtime.pinned_threads():
+            df, net = distributed.train_data_parallel(
+                lambda: model.build(seed, ds).to(dtype), ds, seed=seed, sync_bn=spec.sync_bn, ddp=True,
+                device=None if spec.device == "auto" else spec.device, steps=spec.steps,
+                lr=spec.lr, batch_size=spec.batch_size, optimizer=spec.optimizer,
+                momentum=spec.momentum, weight_decay=spec.weight_decay,
+                eval_every=spec.eval_every, eval_splits=spec.eval_splits, callbacks=callbacks,
+                max_weight_norm=max_weight_norm)
+        df.attrs["model"] = net
+        return df
     with runtime.pinned_threads():
-        net = model.build(seed, ds)
-        if ds.train.x.is_floating_point():
-            net = net.to(ds.train.x.dtype)     # float64 data trains a float64 network
+        net = model.build(seed, ds).to(dtype)  # float64 data trains a float64 network
         df = train(net, ds, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
                    optimizer=spec.optimizer, momentum=spec.momentum,
                    weight_decay=spec.weight_decay, seed=seed, device=spec.device,

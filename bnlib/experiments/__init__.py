@@ -181,7 +181,8 @@ def run(name: str, scale: str | None = None, *, cache_results: bool = True,
                       command=command,
                       scale=scale or current_scale(), config=to_dict(cfg), rows=len(df),
                       cache_key=k)
-        if cache_results:
+        from ..distributed import is_main
+        if cache_results and is_main():  # under torchrun, rank 0 alone writes
             cache.save(name, k, df, prov)
         hit = (df, prov)
     _MEMO[k] = hit
