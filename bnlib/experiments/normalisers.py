@@ -1,0 +1,299 @@
+"""Chapter 19: batch norm's alternatives on small CNNs, against the batch size.
+
+One harness for every normaliser of :mod:`bnlib.norms`: the same small CNN (a strided
+stem, ``depth`` constant-width conv blocks, a linear head), 1-D on MNIST-1D and 2-D on the
+5,000-image MNIST sample, with the normaliser after every conv:
+
+* ``none`` (PyTorch's default init, conv biases), ``batch``, ``ghost`` (virtual batches of
+  ``ghost_size``), ``renorm`` (Batch Renorm), ``group`` (GroupNorm, ``groups`` groups),
+  ``layer`` (GroupNorm with one group: LayerNorm over channels and positions, the
+  GroupNorm paper's LN for conv nets), ``ws+group`` (weight-standardised convs + GroupNorm)
+  and ``skipinit`` (no normaliser; every block residual, ``x + α·block(x)``, α = 0 at init).
+
+Protocol (the shape of Wu & He's Figure 1): every batch size sees the same number of
+training samples (``epochs`` passes), so a batch of 2 takes 64× the steps of a batch of
+128; SGD with momentum, the learning rate scaled linearly with the batch size
+(``lr = base_lr · B / 32``), one base rate for every arm (not tuned per arm: it is the
+cheap, honest choice; an arm it does not suit shows it as low accuracy or divergence).
+Batch Renorm's schedule is set in fractions of each run: plain BN for the first
+``renorm_warmup`` of the steps, then r_max → 3 and d_max → 5 over the next ``renorm_ramp``.
+
+Measured per run: test accuracy in eval mode (running statistics) and in train mode
+(statistics of test batches of the training batch size): their gap is the train/eval
+discrepancy. ``normaliser_step_time`` times one training step per normaliser, interleaved,
+in CPU time.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .. import data as datasets
+from ..nn import BatchNorm1d, BatchNorm2d
+from ..norms import BatchRenorm1d, BatchRenorm2d, GhostBatchNorm, GroupNorm, SkipInit, WSConv1d, WSConv2d
+from ..train import seeded, train
+from . import Config, register, sweep
+
+__all__ = ["NormalisersConfig", "StepTimeConfig", "ARMS", "norm_cnn", "load_mnist1d",
+           "fit_normaliser", "mode_accuracies", "normalisers_batch_size", "normaliser_step_time", "plot"]
+
+ARMS = ("none", "batch", "ghost", "renorm", "group", "layer", "ws+group", "skipinit")
+
+
+# --- data ---------------------------------------------------------------------------------
+# LOCAL STAND-IN until bnlib.data.load("mnist1d") exists (another helper adds it): replace
+# this function by that loader then.
+
+@functools.lru_cache(maxsize=4)
+def load_mnist1d(num_samples: int = 5000, val_fraction: float = 0.15) -> datasets.Dataset:
+    """MNIST-1D (Greydanus, 2020) generated offline by the ``mnist1d`` package (never its
+    download). The package's own train/test split is kept; the last ``val_fraction`` of its
+    training part is the validation split. The package standardises with statistics of
+    all examples; we re-standardise with the training split's mean and std, which (the
+    transforms being affine) equals standardising the raw signals with training statistics
+    only. Inputs ``(N, 1, 40)``."""
+    import mnist1d.data as m1d  # imports `requests`, but nothing here touches the network
+    args = m1d.get_dataset_args()
+    args.num_samples = num_samples
+    d = m1d.make_dataset(args)
+    n_val = int(len(d["y"]) * val_fraction)
+    x_tr, y_tr = d["x"][:-n_val], d["y"][:-n_val]
+    mean, std = x_tr.mean(), x_tr.std()
+
+    def split(x: np.ndarray, y: np.ndarray) -> datasets.Split:
+        x = torch.as_tensor((x - mean) / std, dtype=torch.float32).reshape(len(x), 1, 40)
+        return datasets.Split(x, torch.as_tensor(y, dtype=torch.long))
+
+    return datasets.Dataset("mnist1d", split(x_tr, y_tr), split(d["x"][-n_val:], d["y"][-n_val:]),
+                            split(d["x_test"], d["y_test"]), (1, 40), 10, "standardized")
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, num_samples: int) -> datasets.Dataset:
+    if name == "mnist1d":
+        return load_mnist1d(num_samples)
+    if name == "mnist5k":
+        return datasets.load("mnist5k", n_train=num_samples).images()
+    raise ValueError(f"dataset must be 'mnist1d' or 'mnist5k', got {name!r}")
+
+
+# --- model --------------------------------------------------------------------------------
+
+class _Block(nn.Module):
+    def __init__(self, conv: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm, self.act = conv, norm, nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
+def norm_cnn(arm: str, in_channels: int, num_classes: int, *, dims: int = 1, width: int = 16,
+             depth: int = 3, groups: int = 4, ghost_size: int = 8,
+             renorm_steps: tuple[int, int] = (0, 0)) -> nn.Module:
+    """The chapter's CNN with normaliser ``arm`` (one of :data:`ARMS`) after every conv:
+    stem ``conv(k=5, stride 2) → norm → ReLU → avg-pool 2``, ``depth`` blocks
+    ``conv(k=3) → norm → ReLU`` of ``width`` channels, adaptive avg-pool to 4 (per spatial
+    dim), linear head. ``renorm_steps`` = (warmup, ramp) of Batch Renorm."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {list(ARMS)}")
+    if dims not in (1, 2):
+        raise ValueError(f"dims must be 1 or 2, got {dims}")
+    ws = arm == "ws+group"
+    conv_cls = (WSConv1d if ws else nn.Conv1d) if dims == 1 else (WSConv2d if ws else nn.Conv2d)
+    pool = nn.AvgPool1d(2) if dims == 1 else nn.AvgPool2d(2)
+    head_pool = nn.AdaptiveAvgPool1d(4) if dims == 1 else nn.AdaptiveAvgPool2d(4)
+
+    def norm(c: int) -> nn.Module:
+        if arm in ("none", "skipinit"):
+            return nn.Identity()
+        if arm == "batch":
+            return (BatchNorm1d if dims == 1 else BatchNorm2d)(c)
+        if arm == "ghost":
+            return GhostBatchNorm(c, virtual_batch_size=ghost_size)
+        if arm == "renorm":
+            warm, ramp = renorm_steps
+            return (BatchRenorm1d if dims == 1 else BatchRenorm2d)(c, warmup_steps=warm, ramp_steps=ramp)
+        return GroupNorm(1 if arm == "layer" else groups, c)
+
+    bias = arm in ("none", "skipinit")
+    stem = [conv_cls(in_channels, width, 5, stride=2, padding=2, bias=bias), norm(width), nn.ReLU(), pool]
+    blocks = []
+    for _ in range(depth):
+        b = _Block(conv_cls(width, width, 3, padding=1, bias=bias), norm(width))
+        blocks.append(SkipInit(b) if arm == "skipinit" else b)
+    return nn.Sequential(*stem, *blocks, head_pool, nn.Flatten(),
+                         nn.Linear(width * 4 ** dims, num_classes))
+
+
+# --- one run ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def mode_accuracies(model: nn.Module, split: datasets.Split, batch_size: int) -> tuple[float, float]:
+    """Accuracy on ``split`` in eval mode (running statistics) and in train mode (each batch
+    of ``batch_size`` test examples normalised with its own statistics; on a copy, so the
+    running statistics of ``model`` are untouched). A ragged last batch is dropped from
+    both, so the two numbers are over the same examples."""
+    n = len(split) - len(split) % batch_size
+    x, y = split.x[:n], split.y[:n]
+    m = copy.deepcopy(model)
+    eval_acc = (m.eval()(x).argmax(1) == y).float().mean().item()
+    m.train()
+    correct = sum((m(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+                  for i in range(0, n, batch_size))
+    return eval_acc, correct / n
+
+
+def fit_normaliser(*, seed: int, arm: str, dataset: str, batch_size: int, epochs: float,
+                   base_lr: float, num_samples: int, width: int, depth: int, groups: int,
+                   ghost_size: int, renorm_warmup: float, renorm_ramp: float,
+                   gap_examples: int = 512, momentum: float = 0.9, device: str = "auto") -> dict:
+    """Train one arm at one batch size; returns one row (a dict) of final measurements."""
+    ds = _load(dataset, num_samples)
+    steps = max(1, round(epochs * len(ds.train) / batch_size))
+    dims = len(ds.input_shape) - 1
+    ghost = min(ghost_size, batch_size)
+    build = lambda: norm_cnn(arm, ds.input_shape[0], ds.num_classes, dims=dims, width=width,  # noqa: E731
+                             depth=depth, groups=groups, ghost_size=ghost,
+                             renorm_steps=(round(renorm_warmup * steps), round(renorm_ramp * steps)))
+    net = seeded(seed, build)
+    lr = base_lr * batch_size / 32
+    hist = train(net, ds, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed,
+                 eval_every=steps, eval_splits=("val", "test"), device=device, show_progress=False)
+    last = hist[hist["step"] == hist["step"].max()].set_index("split")["accuracy"]
+    diverged = bool(hist["diverged"].any())
+    sub = datasets.Split(ds.test.x[:gap_examples], ds.test.y[:gap_examples])
+    gap_eval, gap_train = (np.nan, np.nan) if diverged else mode_accuracies(
+        net, sub.to(next(net.parameters()).device), batch_size)
+    return dict(dataset=dataset, batch_size=batch_size, lr=lr, steps=steps, diverged=diverged,
+                val_acc=float(last.get("val", np.nan)) if not diverged else np.nan,
+                test_acc=float(last.get("test", np.nan)) if not diverged else np.nan,
+                gap_acc_eval_mode=gap_eval, gap_acc_train_mode=gap_train,
+                train_seconds=float(hist["elapsed"].max()))
+
+
+@dataclass(frozen=True)
+class NormalisersConfig(Config):
+    """Test accuracy against batch size for each normaliser, at a fixed number of samples seen."""
+
+    datasets: tuple[str, ...] = ("mnist5k",)
+    arms: tuple[str, ...] = ("none", "batch", "renorm", "group", "layer", "ws+group", "skipinit")
+    batch_sizes: tuple[int, ...] = (4, 16, 64)
+    epochs: float = 1.0
+    num_samples: int = 800           # MNIST-1D examples generated / MNIST-5k training images kept
+    base_lr: float = 0.1             # at batch 32; scaled linearly with the batch size
+    width: int = 16
+    depth: int = 3
+    groups: int = 4
+    ghost_size: int = 8
+    renorm_warmup: float = 0.1       # fractions of each run's steps
+    renorm_ramp: float = 0.4
+    gap_examples: int = 512          # test examples for the eval-mode vs train-mode gap
+
+    @classmethod
+    def full(cls) -> "NormalisersConfig":
+        return cls(datasets=("mnist1d", "mnist5k"), arms=ARMS,
+                   batch_sizes=(2, 4, 8, 16, 32, 64, 128), epochs=10.0,
+                   num_samples=5000, width=32, depth=4, seeds=tuple(range(8)))
+
+
+def plot(df: pd.DataFrame):
+    """Test accuracy (mean over seeds, eval mode) against batch size, one panel per dataset."""
+    from ..plots import facets
+
+    def draw(name: str, ax) -> None:
+        sub = df[df["dataset"] == name].groupby(["arm", "batch_size"], sort=False)["test_acc"].mean()
+        for arm in dict.fromkeys(df["arm"]):
+            if arm in sub.index.get_level_values(0):
+                s = sub[arm]
+                ax.plot(s.index, s.values, marker="o", label=arm)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("test accuracy (eval mode)")
+        ax.set_title(name)
+
+    fig = facets(list(dict.fromkeys(df["dataset"])), draw)
+    fig.axes[-1].legend(loc="lower right", fontsize=8)
+    return fig
+
+
+@register("normalisers_batch_size", NormalisersConfig, chapter="19_normalisers", plot=plot,
+          title="Normalisers against the batch size (MNIST-1D and MNIST, small CNNs)")
+def normalisers_batch_size(cfg: NormalisersConfig) -> pd.DataFrame:
+    """One row per (dataset, arm, batch size, seed): ``test_acc`` (eval mode),
+    ``val_acc``, ``gap_acc_eval_mode`` / ``gap_acc_train_mode`` (the
+    first ``gap_examples`` test examples in batches of the training size), ``lr``, ``steps``, ``diverged``, ``train_seconds``."""
+    unknown = [a for a in cfg.arms if a not in ARMS]
+    if unknown or min(cfg.batch_sizes) < 2:
+        raise ValueError(f"arms must be among {list(ARMS)} (got {unknown}) and batch sizes ≥ 2")
+    frames = []
+    for name in cfg.datasets:
+        frames.append(sweep(fit_normaliser, arms={a: dict(arm=a) for a in cfg.arms},
+                            grid={"batch_size": list(cfg.batch_sizes)}, seeds=cfg.seeds, desc=name,
+                            common=dict(dataset=name, epochs=cfg.epochs, base_lr=cfg.base_lr,
+                                        num_samples=cfg.num_samples, width=cfg.width,
+                                        depth=cfg.depth, groups=cfg.groups,
+                                        ghost_size=cfg.ghost_size, renorm_warmup=cfg.renorm_warmup,
+                                        renorm_ramp=cfg.renorm_ramp, gap_examples=cfg.gap_examples,
+                                        device=cfg.device)))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- time per step ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepTimeConfig(Config):
+    """CPU time of one training step (forward, backward, SGD) per normaliser, interleaved."""
+
+    arms: tuple[str, ...] = ARMS
+    dims: int = 2
+    batch_size: int = 32
+    width: int = 16
+    depth: int = 3
+    size: int = 28
+    repeats: int = 15
+
+    @classmethod
+    def full(cls) -> "StepTimeConfig":
+        return cls(width=32, depth=4, repeats=50)
+
+
+@register("normaliser_step_time", StepTimeConfig, chapter="19_normalisers",
+          title="Time per training step of each normaliser")
+def normaliser_step_time(cfg: StepTimeConfig) -> pd.DataFrame:
+    """One row per (arm, repeat): ``seconds`` of CPU time (``time.process_time``) for one
+    step; every repeat runs the arms in a fresh seeded random order so a slow spell of a
+    shared machine hits all arms alike. Take medians."""
+    torch.manual_seed(0)
+    shape = (cfg.batch_size, 1) + (cfg.size,) * cfg.dims
+    x, y = torch.randn(shape), torch.randint(0, 10, (cfg.batch_size,))
+    steps: dict[str, Callable[[], None]] = {}
+    for arm in cfg.arms:
+        net = norm_cnn(arm, 1, 10, dims=cfg.dims, width=cfg.width, depth=cfg.depth).train()
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(net=net, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        steps[arm] = step
+    rng = random.Random(0)
+    rows = []
+    for r in range(-2, cfg.repeats):                      # two untimed warm-up rounds
+        order = list(steps)
+        rng.shuffle(order)
+        for arm in order:
+            t0 = time.process_time()
+            steps[arm]()
+            if r >= 0:
+                rows.append(dict(arm=arm, repeat=r, seconds=time.process_time() - t0))
+    return pd.DataFrame(rows)
