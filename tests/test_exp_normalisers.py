@@ -70,8 +70,9 @@ def test_mnist1d_loader_is_offline_and_standardised_with_training_stats():
 
 
 def test_normalisers_batch_size_tiny_and_plot():
-    cfg = dataclasses.replace(NormalisersConfig(), arms=("batch", "group"), batch_sizes=(4, 16),
-                              num_samples=64, seeds=(0,), gap_examples=32, device="cpu")
+    cfg = dataclasses.replace(NormalisersConfig(), datasets=("mnist1d",), arms=("batch", "group"),
+                              batch_sizes=(4, 16), num_samples=200, seeds=(0,), gap_examples=32,
+                              device="cpu")
     df = normalisers_batch_size(cfg)
     assert len(df) == 4 and set(df["arm"]) == {"batch", "group"}
     assert (df.loc[df["batch_size"] == 4, "steps"] > df.loc[df["batch_size"] == 16, "steps"].max()).all()
