@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import data as datasets
 from ..nn import BatchNorm1d, BatchNorm2d
@@ -88,15 +88,6 @@ def _load(name: str, num_samples: int) -> datasets.Dataset:
 
 # --- model --------------------------------------------------------------------------------
 
-class _Block(nn.Module):
-    def __init__(self, conv: nn.Module, norm: nn.Module) -> None:
-        super().__init__()
-        self.conv, self.norm, self.act = conv, norm, nn.ReLU()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.norm(self.conv(x)))
-
-
 def norm_cnn(arm: str, in_channels: int, num_classes: int, *, dims: int = 1, width: int = 16,
              depth: int = 3, groups: int = 4, ghost_size: int = 8,
              renorm_steps: tuple[int, int] = (0, 0)) -> nn.Module:
@@ -129,7 +120,7 @@ def norm_cnn(arm: str, in_channels: int, num_classes: int, *, dims: int = 1, wid
     stem = [conv_cls(in_channels, width, 5, stride=2, padding=2, bias=bias), norm(width), nn.ReLU(), pool]
     blocks = []
     for _ in range(depth):
-        b = _Block(conv_cls(width, width, 3, padding=1, bias=bias), norm(width))
+        b = nn.Sequential(conv_cls(width, width, 3, padding=1, bias=bias), norm(width), nn.ReLU())
         blocks.append(SkipInit(b) if arm == "skipinit" else b)
     return nn.Sequential(*stem, *blocks, head_pool, nn.Flatten(),
                          nn.Linear(width * 4 ** dims, num_classes))
@@ -222,22 +213,27 @@ class NormalisersConfig(Config):
 
 def plot(df: pd.DataFrame):
     """Test accuracy (mean over seeds, eval mode) against batch size, one panel per dataset."""
-    from ..plots import facets
+    from ..plots import _palette, facets
+    arms = list(dict.fromkeys(df["arm"]))
+    colors = _palette(arms)
 
     def draw(name: str, ax) -> None:
         sub = df[df["dataset"] == name].groupby(["arm", "batch_size"], sort=False)["test_acc"].mean()
-        for arm in dict.fromkeys(df["arm"]):
+        for arm in arms:
             if arm in sub.index.get_level_values(0):
-                s = sub[arm]
-                ax.plot(s.index, s.values, marker="o", label=arm)
+                ax.plot(sub[arm].index, sub[arm].values, marker="o", label=arm, color=colors[arm])
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("test accuracy (eval mode)")
-        ax.set_title(name)
+        sizes = sorted(set(df["batch_size"]))
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set(xlabel="batch size", ylabel="test accuracy (eval mode)", title=name)
 
     fig = facets(list(dict.fromkeys(df["dataset"])), draw)
-    fig.axes[-1].legend(loc="lower right", fontsize=8)
+    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=9)
     return fig
+
+
+_COMMON = ("epochs", "base_lr", "num_samples", "width", "depth", "groups", "ghost_size",
+           "renorm_warmup", "renorm_ramp", "gap_examples", "device")
 
 
 @register("normalisers_batch_size", NormalisersConfig, chapter="19_normalisers", plot=plot,
@@ -254,12 +250,7 @@ def normalisers_batch_size(cfg: NormalisersConfig) -> pd.DataFrame:
     for name in cfg.datasets:
         frames.append(sweep(fit_normaliser, arms={a: dict(arm=a) for a in cfg.arms},
                             grid={"batch_size": list(cfg.batch_sizes)}, seeds=cfg.seeds, desc=name,
-                            common=dict(dataset=name, epochs=cfg.epochs, base_lr=cfg.base_lr,
-                                        num_samples=cfg.num_samples, width=cfg.width,
-                                        depth=cfg.depth, groups=cfg.groups,
-                                        ghost_size=cfg.ghost_size, renorm_warmup=cfg.renorm_warmup,
-                                        renorm_ramp=cfg.renorm_ramp, gap_examples=cfg.gap_examples,
-                                        device=cfg.device)))
+                            common=dict(dataset=name, **{k: getattr(cfg, k) for k in _COMMON})))
     return pd.concat(frames, ignore_index=True)
 
 
