@@ -15,13 +15,12 @@ training samples (``epochs`` passes), so a batch of 2 takes 64× the steps of a 
 128; SGD with momentum, the learning rate scaled linearly with the batch size
 (``lr = base_lr · B / 32``), one base rate for every arm (not tuned per arm: it is the
 cheap, honest choice; an arm it does not suit shows it as low accuracy or divergence).
-Batch Renorm's schedule is set in fractions of each run: plain BN for the first
-``renorm_warmup`` of the steps, then r_max → 3 and d_max → 5 over the next ``renorm_ramp``.
+Batch Renorm's schedule is in fractions of each run: plain BN for the first ``renorm_warmup``
+of the steps, then r_max → 3 and d_max → 5 over the next ``renorm_ramp``.
 
-Measured per run: test accuracy in eval mode (running statistics) and in train mode
-(statistics of test batches of the training batch size): their gap is the train/eval
-discrepancy. ``normaliser_step_time`` times one training step per normaliser, interleaved,
-in CPU time.
+Measured per run: test accuracy in eval mode and in train mode (batch statistics of test
+batches of the training size): their gap is the train/eval discrepancy.
+``normaliser_step_time`` times one training step per normaliser, interleaved, in CPU time.
 """
 from __future__ import annotations
 
@@ -50,8 +49,7 @@ ARMS = ("none", "batch", "ghost", "renorm", "group", "layer", "ws+group", "skipi
 
 
 # --- data ---------------------------------------------------------------------------------
-# LOCAL STAND-IN until bnlib.data.load("mnist1d") exists (another helper adds it): replace
-# this function by that loader then.
+# LOCAL STAND-IN until bnlib.data.load("mnist1d") exists: then use that loader instead.
 
 @functools.lru_cache(maxsize=4)
 def load_mnist1d(num_samples: int = 5000, val_fraction: float = 0.15) -> datasets.Dataset:
@@ -95,10 +93,8 @@ def norm_cnn(arm: str, in_channels: int, num_classes: int, *, dims: int = 1, wid
     stem ``conv(k=5, stride 2) → norm → ReLU → avg-pool 2``, ``depth`` blocks
     ``conv(k=3) → norm → ReLU`` of ``width`` channels, adaptive avg-pool to 4 (per spatial
     dim), linear head. ``renorm_steps`` = (warmup, ramp) of Batch Renorm."""
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; choose from {list(ARMS)}")
-    if dims not in (1, 2):
-        raise ValueError(f"dims must be 1 or 2, got {dims}")
+    if arm not in ARMS or dims not in (1, 2):
+        raise ValueError(f"unknown arm {arm!r} or dims {dims}: arms are {list(ARMS)}, dims 1 or 2")
     ws = arm == "ws+group"
     conv_cls = (WSConv1d if ws else nn.Conv1d) if dims == 1 else (WSConv2d if ws else nn.Conv2d)
     pool = nn.AvgPool1d(2) if dims == 1 else nn.AvgPool2d(2)
@@ -276,9 +272,8 @@ class StepTimeConfig(Config):
 @register("normaliser_step_time", StepTimeConfig, chapter="19_normalisers",
           title="Time per training step of each normaliser")
 def normaliser_step_time(cfg: StepTimeConfig) -> pd.DataFrame:
-    """One row per (arm, repeat): ``seconds`` of CPU time (``time.process_time``) for one
-    step; every repeat runs the arms in a fresh seeded random order so a slow spell of a
-    shared machine hits all arms alike. Take medians."""
+    """One row per (arm, repeat): ``seconds`` of CPU time for one step; each repeat runs the
+    arms in a fresh seeded random order, so a slow spell hits all alike. Take medians."""
     torch.manual_seed(0)
     shape = (cfg.batch_size, 1) + (cfg.size,) * cfg.dims
     x, y = torch.randn(shape), torch.randint(0, 10, (cfg.batch_size,))
