@@ -1,4 +1,5 @@
-"""bnlib.norms.GroupNorm is a drop-in replacement for torch.nn.GroupNorm."""
+"""bnlib.norms: GroupNorm and LayerNorm are drop-ins for torch's; Batch Renorm, ghost BN,
+weight standardisation and SkipInit are checked against batch norm and hand-derived values."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,9 @@ import torch
 from torch import nn
 
 from bnlib.models import make_norm, mlp, cnn
-from bnlib.norms import GroupNorm, group_norm
+from bnlib.nn import BatchNorm1d, BatchNorm2d
+from bnlib.norms import (BatchRenorm1d, BatchRenorm2d, GhostBatchNorm, GroupNorm, LayerNorm,
+                         SkipInit, WSConv1d, WSConv2d, group_norm, layer_norm, standardize_weight)
 
 SHAPES = [(5, 6), (4, 6, 7), (3, 6, 4, 5)]
 GROUPS = [1, 2, 3, 6]
@@ -172,3 +175,224 @@ def test_make_norm_group_builds_bnlib_groupnorm_in_models():
     assert net(torch.randn(2, 10)).shape == (2, 3)
     conv = cnn(1, 3, channels=(8, 16), norm="group")
     assert conv(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+# --- LayerNorm ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,normalized", [((5, 6), 6), ((4, 3, 7), (3, 7)), ((2, 3, 4, 5), (4, 5)),
+                                              ((2, 3, 4, 5), [3, 4, 5])], ids=str)
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, True)])
+def test_layernorm_matches_torch(shape, normalized, affine, bias):
+    torch.manual_seed(0)
+    ours = LayerNorm(normalized, elementwise_affine=affine, bias=bias)
+    ref = nn.LayerNorm(normalized, elementwise_affine=affine, bias=bias)
+    if affine:
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 1.5)
+            if bias:
+                ours.bias.normal_()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert repr(ours) == repr(ref)
+    ref.load_state_dict(ours.state_dict())
+    x = (torch.randn(*shape) * 3 + 2).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x2)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(ref, name).grad, atol=1e-4, rtol=1e-4)
+
+
+def test_layernorm_state_dict_round_trip_and_eval_mode():
+    ref = nn.LayerNorm((3, 4))
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ours = LayerNorm((3, 4))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(ours.eval()(x), ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.train()(x[:1]), ref(x)[:1], atol=1e-5, rtol=1e-5)
+    assert list(ours.buffers()) == []
+
+
+def test_layernorm_gradcheck_and_errors():
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: layer_norm(x, (4, 5), w), (x, w))
+    m = LayerNorm(4)
+    for err in (ValueError, RuntimeError):
+        with pytest.raises(err, match="normalized_shape"):
+            m(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        nn.LayerNorm(4)(torch.randn(2, 3))  # torch's type, torch's words
+    with pytest.raises(ValueError):
+        LayerNorm(0)
+    with pytest.raises(ValueError, match="eps"):
+        LayerNorm(4, eps=0)
+
+
+# --- Batch Renormalization ---------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,ref_cls,shape", [(BatchRenorm1d, BatchNorm1d, (8, 3)),
+                                                (BatchRenorm1d, BatchNorm1d, (6, 3, 5)),
+                                                (BatchRenorm2d, BatchNorm2d, (4, 3, 3, 2))])
+def test_batchrenorm_with_rmax1_dmax0_is_batchnorm(cls, ref_cls, shape):
+    torch.manual_seed(0)
+    ours = cls(3, r_max=1.0, d_max=0.0, warmup_steps=0, ramp_steps=0)
+    ref = ref_cls(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+        ref.running_var.fill_(0.3)  # running stats far from the batch's: clipping is what keeps r = 1
+    ours.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        x = (torch.randn(*shape) * 2 + 1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        y, y_ref = ours(x), ref(x2)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-4)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))
+
+
+def test_batchrenorm_after_the_ramp_matches_the_hand_derivation():
+    # x = [0, 0, 3, 3], one channel: μ_B = 1.5, σ_B = 1.5. Running μ = 0, var = 0.5625: σ = 0.75.
+    # r = clip(σ_B/σ = 2, 1/1.5, 1.5) = 1.5;  d = clip((μ_B − μ)/σ = 2, −1, 1) = 1
+    # x̂ = (x − μ_B)/σ_B · r + d = [−1.5 + 1, ..., 1.5 + 1] = [−0.5, −0.5, 2.5, 2.5]  (BN: ±1)
+    m = BatchRenorm1d(1, eps=1e-12, r_max=1.5, d_max=1.0, warmup_steps=0, ramp_steps=0,
+                      dtype=torch.float64)
+    with torch.no_grad():
+        m.running_var.fill_(0.5625)
+    x = torch.tensor([[0.0], [0.0], [3.0], [3.0]], dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    torch.testing.assert_close(y, torch.tensor([[-0.5], [-0.5], [2.5], [2.5]], dtype=torch.float64))
+    # r, d are constants in backprop: the gradient is r times batch norm's
+    g = torch.tensor([[1.0], [2.0], [3.0], [5.0]], dtype=torch.float64)
+    y.backward(g)
+    xb = x.detach().clone().requires_grad_()
+    BatchNorm1d(1, eps=1e-12, dtype=torch.float64)(xb).backward(g)
+    assert xb.grad.abs().max() > 0.1
+    torch.testing.assert_close(x.grad, 1.5 * xb.grad)
+    # running statistics move as batch norm's do: mean 0.1·1.5, var 0.9·0.5625 + 0.1·3 (unbiased)
+    torch.testing.assert_close(m.running_mean, torch.tensor([0.15], dtype=torch.float64))
+    torch.testing.assert_close(m.running_var, torch.tensor([0.80625], dtype=torch.float64))
+    assert int(m.num_batches_tracked) == 1
+
+
+def test_batchrenorm_schedule_counts_its_own_steps():
+    m = BatchRenorm1d(2, r_max=3.0, d_max=5.0, warmup_steps=2, ramp_steps=4)
+    seen = []
+    for _ in range(7):
+        m(torch.randn(4, 2))
+        seen.append(m.limits())
+    assert seen[:2] == [(1.0, 0.0)] * 2
+    assert seen[3] == pytest.approx((2.0, 2.5))
+    assert seen[-1] == (3.0, 5.0)
+    m.eval()(torch.randn(4, 2))
+    assert int(m.num_batches_tracked) == 7   # evaluation does not count
+    assert "num_batches_tracked" in m.state_dict()
+
+
+def test_batchrenorm_errors():
+    with pytest.raises(ValueError, match="track_running_stats"):
+        BatchRenorm2d(3, track_running_stats=False)
+    with pytest.raises(ValueError, match="r_max"):
+        BatchRenorm2d(3, r_max=0.5)
+    with pytest.raises(ValueError):
+        BatchRenorm2d(3, warmup_steps=-1)
+    with pytest.raises(ValueError, match="4D"):
+        BatchRenorm2d(3)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        BatchRenorm1d(3)(torch.randn(1, 3))
+
+
+# --- Ghost batch norm --------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(8, 3), (8, 3, 5), (8, 3, 2, 2)], ids=str)
+def test_ghost_bn_with_one_ghost_is_batchnorm(shape):
+    torch.manual_seed(0)
+    ours = GhostBatchNorm(3, virtual_batch_size=8)
+    ref = (BatchNorm2d if len(shape) == 4 else BatchNorm1d)(3)
+    x = torch.randn(*shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x2)
+    torch.testing.assert_close(y, y_ref)
+    y.backward(torch.ones_like(y) + x.detach())
+    y_ref.backward(torch.ones_like(y) + x.detach())
+    torch.testing.assert_close(x.grad, x2.grad)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v)
+
+
+def test_ghost_bn_normalises_each_ghost_on_its_own():
+    torch.manual_seed(0)
+    x = torch.randn(12, 3) * 4 + 2
+    y = GhostBatchNorm(3, virtual_batch_size=4, affine=False)(x)
+    for chunk_x, chunk_y in zip(x.split(4), y.split(4)):
+        torch.testing.assert_close(chunk_y, BatchNorm1d(3, affine=False)(chunk_x))
+    m = GhostBatchNorm(3, virtual_batch_size=4, momentum=1.0)
+    m(x)
+    torch.testing.assert_close(m.running_mean, torch.stack([c.mean(0) for c in x.split(4)]).mean(0))
+    torch.testing.assert_close(m.running_var, torch.stack([c.var(0) for c in x.split(4)]).mean(0))
+    with pytest.raises(ValueError, match="ghost"):
+        GhostBatchNorm(3, virtual_batch_size=4)(torch.randn(5, 3))   # a last ghost of one
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        GhostBatchNorm(3, virtual_batch_size=1)
+
+
+# --- Weight Standardization --------------------------------------------------------------
+
+@pytest.mark.parametrize("cls,shape", [(WSConv1d, (2, 3, 9)), (WSConv2d, (2, 3, 6, 6))])
+def test_ws_filters_are_standardised_and_state_dict_is_convs(cls, shape):
+    torch.manual_seed(0)
+    conv = cls(3, 5, 3)
+    with torch.no_grad():
+        conv.weight.mul_(7).add_(2)
+    w = conv.standardized_weight().reshape(5, -1).double()
+    torch.testing.assert_close(w.mean(1), torch.zeros(5, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(w.std(1, unbiased=False), torch.ones(5, dtype=torch.float64), atol=1e-4, rtol=0)
+    plain = (nn.Conv1d if cls is WSConv1d else nn.Conv2d)(3, 5, 3)
+    assert list(conv.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        plain.weight.copy_(conv.standardized_weight())
+    x = torch.randn(*shape)
+    torch.testing.assert_close(conv(x), plain(x))
+    conv(x).sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+def test_ws_gradcheck_float64():
+    torch.manual_seed(0)
+    w = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(standardize_weight, (w,))
+    conv = WSConv1d(2, 4, 3, dtype=torch.float64)
+    x = torch.randn(2, 2, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: torch.nn.functional.conv1d(x, standardize_weight(w)),
+                                    (x, conv.weight))
+
+
+# --- SkipInit ----------------------------------------------------------------------------
+
+def test_skipinit_block_is_the_identity_at_init_and_learns_alpha():
+    torch.manual_seed(0)
+    block = SkipInit(nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv1d(4, 4, 3, padding=1)))
+    x = torch.randn(3, 4, 10)
+    torch.testing.assert_close(block(x), x)
+    deep = nn.Sequential(*[SkipInit(nn.Linear(6, 6)) for _ in range(50)])
+    z = torch.randn(5, 6)
+    torch.testing.assert_close(deep(z), z)
+    block(x).pow(2).sum().backward()
+    assert block.alpha.grad is not None and block.alpha.grad != 0   # α is trained away from 0
+    assert "alpha" in dict(block.named_parameters())
