@@ -57,7 +57,8 @@ def test_ioffe_tiny_run_records_percentiles():
     assert sorted(pct["step"].unique()) == [0, 10, 20]
     assert (pct["p15"] <= pct["p50"]).all() and (pct["p50"] <= pct["p85"]).all()
     hist = rows(df, "history")
-    assert set(hist["split"]) >= {"val", "test"} and set(hist["init_std"]) == {0.1}
+    assert "test" in set(hist["split"]) and "val" not in set(hist["split"])
+    assert set(hist["init_std"]) == {0.1} and "test" not in set(rows(df, "tuning")["split"])
     assert set(rows(df, "tuning")["seed"]) == {1000}
     with pytest.raises(ValueError):
         ioffe_mnist(override(cfg, {"init_stds": (0.0,)}))
