@@ -43,6 +43,7 @@ def test_step_cost_tiny():
     assert len(ov) == 2 * 3 * (len(COST_ARMS) - 1) and (ov["ratio"] > 0).all()
     with pytest.raises(ValueError):
         step_cost(dataclasses.replace(cfg, arms=("BN (jax)",)))
+    assert set(ov["arm"]) == {"BN", "BN (bnlib)"}  # ratios against "plain"
 
 
 def test_fold_speedup_tiny_is_exact():

@@ -2,15 +2,16 @@
 
 * ``step_cost`` — forward, backward and whole-step time of an MLP and a small CNN with and
   without BN (torch's fused BN and bnlib's from-scratch one), measured with the
-  interleaved harness of :mod:`bnlib.experiments.speed` (medians of many repeats), on the
-  CPU and, when one is present, on a CUDA GPU.
+  interleaved harness of :mod:`bnlib.timing` (medians of many repeats; CPU time on the CPU),
+  on the CPU and, when one is present, on a CUDA GPU.
 * ``fold_speedup`` — inference time of a BN network before and after
   :func:`bnlib.inference.fold_batchnorm`, and the largest output difference the fold makes.
 * :func:`intensity_table` — an analytic count of FLOPs and bytes moved per layer: why BN's
   cost is set by memory traffic rather than arithmetic.
 
 The time to a target accuracy (the cost set against the steps BN saves) comes from the
-``speed`` experiment of chapter 4; this module does not copy it.
+``speed`` experiment of chapter 4, which the chapter fetches through the results cache
+(``bnlib.experiments.run("speed")``); this module neither copies nor imports it.
 """
 from __future__ import annotations
 
@@ -20,19 +21,19 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..config import override
 from ..inference import fold_batchnorm
 from ..models import cnn, mlp
-from ..train import resolve_device, seeded
-from . import Config, register
 from ..timing import paired_ratio, step_phases, time_interleaved
+from ..train import resolve_device
+from . import Config, register
 
 __all__ = ["CostConfig", "FoldConfig", "step_cost", "fold_speedup", "intensity_table",
            "cost_devices", "overheads", "COST_ARMS"]
 
-#: arm name -> (norm, BN implementation)
-COST_ARMS = {"no BN": ("none", "torch"), "BN (torch)": ("batch", "torch"),
+#: arm name -> (norm, BN implementation): "BN" is torch's fused layer, the one people time
+COST_ARMS = {"plain": ("none", "torch"), "BN": ("batch", "torch"),
              "BN (bnlib)": ("batch", "bnlib")}
-COST_ARM_COLORS = {"no BN": "#7f7f7f", "BN (torch)": "#1f77b4", "BN (bnlib)": "#9ecae1"}
 
 
 def cost_devices(device: str = "auto") -> list[torch.device]:
@@ -50,37 +51,37 @@ def cost_devices(device: str = "auto") -> list[torch.device]:
 class CostConfig(Config):
     """Quick preset: a 6×256 MLP (batch 128) and a 3-block CNN on 1×28×28 (batch 32)."""
 
-    mlp_in: int = 784
-    mlp_depth: int = 6
+    mlp_in: int = 784                 # MNIST-sized flat inputs
+    mlp_depth: int = 6                # enough layers that BN's share is not a rounding error
     mlp_width: int = 256
     mlp_batch: int = 128
-    cnn_shape: tuple[int, int, int] = (1, 28, 28)
-    cnn_channels: tuple[int, ...] = (16, 32, 64)
+    cnn_shape: tuple[int, int, int] = (1, 28, 28)   # MNIST-shaped images
+    cnn_channels: tuple[int, ...] = (16, 32, 64)    # narrow convolutions: few FLOPs per value
     cnn_batch: int = 32
     models: tuple[str, ...] = ("mlp", "cnn")
-    arms: tuple[str, ...] = tuple(COST_ARMS)
-    repeats: int = 12
-    number: int = 2
+    arms: tuple[str, ...] = tuple(COST_ARMS)        # plain, torch's BN, bnlib's BN
+    repeats: int = 12                 # interleaved repeats: medians need a dozen
+    number: int = 2                   # calls per repeat
 
     @classmethod
     def full(cls) -> "CostConfig":
         # GPU-sized: a wider MLP, CIFAR-shaped images with wider convolutions, more repeats
-        return cls(mlp_width=1024, mlp_batch=512, cnn_shape=(3, 32, 32),
-                   cnn_channels=(64, 128, 256), cnn_batch=128, repeats=50, number=5,
-                   seeds=(0,))
+        return override(cls(), {"mlp_width": 1024, "mlp_batch": 512, "cnn_shape": (3, 32, 32),
+                                "cnn_channels": (64, 128, 256), "cnn_batch": 128,
+                                "repeats": 50, "number": 5, "seeds": (0,)})
 
 
 def _cost_model(cfg: CostConfig, kind: str, arm: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     norm, impl = COST_ARMS[arm]
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     if kind == "mlp":
-        net = seeded(0, lambda: mlp(cfg.mlp_in, 10, depth=cfg.mlp_depth, width=cfg.mlp_width,
-                                    norm=norm, norm_impl=impl))
+        net = mlp(cfg.mlp_in, 10, depth=cfg.mlp_depth, width=cfg.mlp_width, norm=norm,
+                  norm_impl=impl)
         x = torch.randn(cfg.mlp_batch, cfg.mlp_in, generator=g)
         n = cfg.mlp_batch
     elif kind == "cnn":
-        net = seeded(0, lambda: cnn(cfg.cnn_shape[0], 10, channels=cfg.cnn_channels, norm=norm,
-                                    norm_impl=impl))
+        net = cnn(cfg.cnn_shape[0], 10, channels=cfg.cnn_channels, norm=norm, norm_impl=impl)
         x = torch.randn(cfg.cnn_batch, *cfg.cnn_shape, generator=g)
         n = cfg.cnn_batch
     else:
@@ -95,7 +96,7 @@ def step_cost(cfg: CostConfig) -> pd.DataFrame:
 
     One row per (``device``, ``model``, ``arm``, ``phase``, ``repeat``) with ``seconds``
     per call; ``phase`` is ``forward``, ``backward`` or ``step`` (see
-    :func:`bnlib.experiments.speed.step_phases`). Within a device and model, all arms and
+    :func:`bnlib.timing.step_phases`). Within a device and model, all arms and
     phases are shuffled together in every repeat, so they share the machine's drift.
     """
     unknown = [a for a in cfg.arms if a not in COST_ARMS]
@@ -117,7 +118,7 @@ def step_cost(cfg: CostConfig) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def overheads(df: pd.DataFrame, baseline: str = "no BN") -> pd.DataFrame:
+def overheads(df: pd.DataFrame, baseline: str = "plain") -> pd.DataFrame:
     """Per (device, model, phase, arm): the median time and the median paired ratio of the
     arm's time to ``baseline``'s within the same repeat (1.25 = 25 % slower)."""
     rows = []
@@ -142,10 +143,10 @@ def _plot_cost(df: pd.DataFrame):
     for ax, (dev, model) in zip(axes[0], panels):
         d = df[(df["model"] == model) & (df["device"] == dev)]
         d = d.assign(ms=d["seconds"] * 1e3)
-        arms = [a for a in COST_ARM_COLORS if a in set(d["arm"])]
+        arms = [a for a in COST_ARMS if a in set(d["arm"])]
         sns.barplot(data=d, x="phase", y="ms", hue="arm", estimator="median",
                     errorbar=("pi", 50), ax=ax, order=["forward", "backward", "step"],
-                    hue_order=arms, palette=COST_ARM_COLORS)
+                    hue_order=arms, palette={a: plots.color(a) for a in arms})
         ax.set_title(f"{model.upper()} on the {dev.upper()}")
         ax.set_ylabel("milliseconds per call (median)")
         ax.set_xlabel("")
@@ -158,31 +159,33 @@ def _plot_cost(df: pd.DataFrame):
 class FoldConfig(Config):
     """Quick preset: the chapter's MLP and CNN with BN, eval mode, batch 128."""
 
-    mlp_in: int = 784
+    mlp_in: int = 784                 # the step_cost networks, so the two tables line up
     mlp_depth: int = 6
     mlp_width: int = 256
     cnn_shape: tuple[int, int, int] = (1, 28, 28)
     cnn_channels: tuple[int, ...] = (16, 32, 64)
-    batch: int = 128
-    warm_batches: int = 5      # train-mode passes that give the BN non-trivial statistics
-    repeats: int = 12
-    number: int = 2
+    batch: int = 128                  # a serving batch
+    warm_batches: int = 5             # train-mode passes that give the BN non-trivial statistics
+    repeats: int = 12                 # interleaved repeats
+    number: int = 2                   # calls per repeat
 
     @classmethod
     def full(cls) -> "FoldConfig":
-        return cls(mlp_width=1024, cnn_shape=(3, 32, 32), cnn_channels=(64, 128, 256),
-                   batch=512, repeats=50, number=5, seeds=(0,))
+        return override(cls(), {"mlp_width": 1024, "cnn_shape": (3, 32, 32),
+                                "cnn_channels": (64, 128, 256), "batch": 512, "repeats": 50,
+                                "number": 5, "seeds": (0,)})
 
 
 def _bn_model(cfg: FoldConfig, kind: str) -> tuple[nn.Module, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     if kind == "mlp":
-        net = seeded(0, lambda: mlp(cfg.mlp_in, 10, depth=cfg.mlp_depth, width=cfg.mlp_width,
-                                    norm="batch", norm_impl="torch"))
+        net = mlp(cfg.mlp_in, 10, depth=cfg.mlp_depth, width=cfg.mlp_width, norm="batch",
+                  norm_impl="torch")
         x = torch.randn(cfg.batch, cfg.mlp_in, generator=g)
     else:
-        net = seeded(0, lambda: cnn(cfg.cnn_shape[0], 10, channels=cfg.cnn_channels,
-                                    norm="batch", norm_impl="torch"))
+        net = cnn(cfg.cnn_shape[0], 10, channels=cfg.cnn_channels, norm="batch",
+                  norm_impl="torch")
         x = torch.randn(cfg.batch, *cfg.cnn_shape, generator=g)
     with torch.no_grad():
         net.train()
@@ -237,7 +240,7 @@ def _plot_fold(df: pd.DataFrame):
     d = df.assign(ms=df["seconds"] * 1e3, where=df["model"] + " / " + df["device"])
     sns.barplot(data=d, x="where", y="ms", hue="arm", estimator="median", errorbar=("pi", 50),
                 ax=axes[0, 0], hue_order=["BN", "folded"],
-                palette={"BN": COST_ARM_COLORS["BN (torch)"], "folded": "#ff7f0e"})
+                palette={a: plots.color(a) for a in ("BN", "folded")})
     axes[0, 0].set_ylabel("milliseconds per forward pass")
     axes[0, 0].set_xlabel("")
     return fig
