@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("build", type=Path, help="the built HTML folder, e.g. _build/html")
     ap.add_argument("--screenshot", type=Path, metavar="DIR",
                     help="also write PNGs of the landing page (top and scorecard) and one chapter"
-                         " at 1280 px and at phone width (390 px) into DIR")
+                         " (top and first figure) at 1280 px and at phone width (390 px) into DIR")
     ap.add_argument("--chapter", default=None,
                     help="the chapter page to screenshot (default: the first chapters/*.html)")
     ap.add_argument("--page", action="append", default=[],
@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                                        selector="section#scorecard table, table")
                     name = Path(chapter).stem
                     browser.screenshot(base + chapter, shots / f"{name}-{width}.png", width)
+                    browser.screenshot(base + chapter, shots / f"{name}-figure-{width}.png", width,
+                                       selector="main article img")
                 print(f"  screenshots in {shots}/")
         finally:
             browser.close()
