@@ -532,7 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     findings: list[Finding] = []
     with serve(build) as base:
-        browser = Browser(timeout=args.timeout)
+        try:
+            browser = Browser(timeout=args.timeout)
+        except (CDPError, OSError) as e:
+            print(f"check_book: cannot start Chromium: {e}", file=sys.stderr)
+            return 2
         try:
             for page in pages:
                 try:
