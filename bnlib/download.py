@@ -3,36 +3,45 @@
 The "full" presets train on the real datasets, which live on the internet.
 This module is everything between a URL and a numpy array:
 
-    fetch(url, dest)    download one file safely (atomic, checksummed, retried)
+    fetch(url, dest)    download one file safely (atomic, checksummed, retried), with pooch
     read_idx(path)      parse the IDX format used by (Fashion-)MNIST
     load_mnist()        the four (Fashion-)MNIST files -> dict of arrays
     load_cifar10()      the CIFAR-10 python tarball    -> dict of arrays
 
-Only the standard library and numpy are used, so the code reads top to bottom.
-Offline? Put the files where the error message says (see `cache_dir`).
+Downloading is `pooch`'s job (temporary file, hash check, atomic rename); this module adds
+mirrors, retries with a growing pause, and one-line errors (`DownloadError`) that say where
+to put the file by hand on a machine without network (see `cache_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
-import http.client
+import logging
 import math
 import os
 import pickle
+import shutil
 import tarfile
-import tempfile
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
+import pooch
+import requests
 
 Checksum = tuple[str, str]  # (hashlib algorithm name, hex digest), e.g. ("md5", "f68b...")
 
 # -----------------------------------------------------------------------------
 # downloading
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded; the message is one line and says where to put it."""
 
 
 def cache_dir() -> Path:
@@ -49,21 +58,71 @@ def file_hash(path: Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def _copy_file_url(url: str, output_file: str | IO[bytes], pooch_obj=None,
+                   check_only: bool = False) -> bool | None:
+    """A pooch downloader for file:// URLs (local mirrors, and the offline tests)."""
+    source = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+    if check_only:
+        return source.is_file()
+    with open(source, "rb") as src, contextlib.ExitStack() as stack:
+        out = output_file if hasattr(output_file, "write") else \
+            stack.enter_context(open(output_file, "wb"))
+        shutil.copyfileobj(src, out, 1 << 20)
+    return None
+
+
+def _downloader(url: str):
+    if urllib.parse.urlparse(url).scheme == "file":
+        return _copy_file_url
+    # timeout: seconds without a byte before giving up (then retried)
+    return pooch.HTTPDownloader(progressbar=False, timeout=60)
+
+
 def _permanent(err: Exception) -> bool:
     """True for errors a retry cannot fix: HTTP 4xx (bar 429) and missing local files."""
-    if isinstance(err, urllib.error.HTTPError):
-        return err.code < 500 and err.code != 429
-    return isinstance(err, urllib.error.URLError) and isinstance(err.reason, FileNotFoundError)
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        return err.response.status_code < 500 and err.response.status_code != 429
+    return isinstance(err, FileNotFoundError)
+
+
+def _reason(err: Exception) -> str:
+    """A short, one-line reason for a failed download."""
+    if isinstance(err, requests.HTTPError) and err.response is not None:
+        return f"HTTP {err.response.status_code} {err.response.reason}"
+    if isinstance(err, requests.ConnectionError):
+        text = str(err)
+        if "NameResolution" in text or "getaddrinfo" in text or "Name or service" in text:
+            return "no network: the host name cannot be resolved"
+        if "Connection refused" in text:
+            return "connection refused"
+        return "no network connection, or the connection dropped"
+    if isinstance(err, requests.Timeout):
+        return "timed out"
+    if isinstance(err, FileNotFoundError):
+        return "no such file"
+    return " ".join(f"{type(err).__name__}: {err}".split())[:160]
+
+
+@contextlib.contextmanager
+def _quiet_pooch() -> Iterator[None]:
+    """pooch logs every download and, without a known hash, a hint about hashes; we print
+    one line of our own instead."""
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def fetch(url: str, dest: str | Path, sha256: str | None = None, *,
           checksum: Checksum | None = None, retries: int = 3) -> Path:
-    """Download `url` to `dest` and return `dest`.
+    """Download `url` to `dest` (with `pooch.retrieve`) and return `dest`.
 
-    Any URL urllib understands works, including file:// (which is how the tests
-    run offline). The bytes are streamed into a temporary file next to `dest`
-    and renamed only once complete and verified, so an interrupted download
-    never leaves a half file under the final name.
+    http(s):// and file:// URLs work (file:// is how the tests run offline). The
+    bytes go to a temporary file next to `dest`, which is renamed only once complete
+    and verified, so an interrupted download never leaves a half file under the final name.
 
     Verification: pass `sha256=hex`, or `checksum=(algorithm, hex)` for other
     hashlib algorithms (the datasets publish md5s). A mismatch deletes the file
@@ -71,7 +130,7 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, *,
     nothing to check it against) the download is skipped.
 
     Network errors are retried `retries` times with a growing pause, except
-    ones that cannot get better (404, missing file); then RuntimeError.
+    ones that cannot get better (404, missing file); then `DownloadError`.
     """
     if retries < 1:
         raise ValueError(f"retries must be >= 1, got {retries}")
@@ -80,49 +139,46 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, *,
             raise ValueError("pass either sha256 or checksum, not both")
         checksum = ("sha256", sha256)
     dest = Path(dest)
+    known_hash = f"{checksum[0]}:{checksum[1].lower()}" if checksum else None
     if dest.exists():
         if checksum is None or file_hash(dest, checksum[0]) == checksum[1].lower():
             return dest
         print(f"{dest} has the wrong {checksum[0]}, downloading it again")
         dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
+    print(f"downloading {url} -> {dest}")
     for attempt in range(1, retries + 1):
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-        tmp = Path(tmp_name)
         try:
-            h = hashlib.new(checksum[0] if checksum else "sha256")
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    h.update(chunk)
-            if checksum is not None and h.hexdigest() != checksum[1].lower():
-                raise ValueError(f"{checksum[0]} mismatch for {url}: expected"
-                                 f" {checksum[1].lower()}, got {h.hexdigest()} (file deleted)")
-            os.replace(tmp, dest)  # atomic: dest is either absent or complete
-            return dest
-        except (OSError, http.client.HTTPException) as e:  # URLError is an OSError
+            with _quiet_pooch():
+                return Path(pooch.retrieve(url, known_hash, fname=dest.name, path=dest.parent,
+                                           downloader=_downloader(url)))
+        except ValueError as e:  # pooch: hash mismatch (the downloaded file is deleted)
+            if "hash" not in str(e):
+                raise
+            raise ValueError(f"{checksum[0]} mismatch for {url}: {' '.join(str(e).split())}"
+                             " (file deleted)") from e
+        except (OSError, requests.RequestException) as e:  # HTTP errors, resets, timeouts
             if attempt == retries or _permanent(e):
-                raise RuntimeError(
-                    f"could not download {url} ({e}). If this machine is offline, download the"
-                    f" file elsewhere and place it at {dest}") from e
-            print(f"download of {url} failed ({e}), retry {attempt}/{retries - 1}")
+                raise DownloadError(
+                    f"could not download {url} ({_reason(e)}). If this machine is offline,"
+                    f" download the file elsewhere and place it at {dest}") from e
+            print(f"download of {url} failed ({_reason(e)}), retry {attempt}/{retries - 1}")
             time.sleep(attempt)
-        finally:
-            tmp.unlink(missing_ok=True)  # no-op after a successful rename
     raise AssertionError("unreachable")
 
 
 def _fetch_mirrors(urls: list[str], dest: Path, checksum: Checksum | None) -> Path:
-    """`fetch` from the first of `urls` that works; RuntimeError listing every failure."""
+    """`fetch` from the first of `urls` that works; one-line DownloadError naming each failure."""
     errors = []
     for url in urls:
         try:
             return fetch(url, dest, checksum=checksum)
-        except (RuntimeError, ValueError) as e:
-            errors.append(f"  {url}: {e}")
-    raise RuntimeError(f"all mirrors failed for {dest.name}:\n" + "\n".join(errors) +
-                       f"\nOffline? Place the file manually at {dest}")
+        except DownloadError as e:
+            cause = e.__cause__
+            errors.append(f"{url}: {_reason(cause) if cause else e}")
+        except ValueError as e:
+            errors.append(str(e))
+    raise DownloadError(f"all mirrors failed for {dest.name} ({'; '.join(errors)})."
+                        f" Offline? Place the file manually at {dest}")
 
 
 # -----------------------------------------------------------------------------

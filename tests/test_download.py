@@ -11,14 +11,14 @@ import os
 import pickle
 import tarfile
 import threading
-import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bnlib import download
-from bnlib.download import cache_dir, fetch, file_hash, load_cifar10, load_mnist, read_idx
+from bnlib.download import (DownloadError, cache_dir, fetch, file_hash, load_cifar10,
+                             load_mnist, read_idx)
 
 # -----------------------------------------------------------------------------
 # helpers that write fake datasets
@@ -128,78 +128,116 @@ def test_fetch_skips_valid_file_and_replaces_bad_one(tmp_path):
 
 def test_fetch_missing_source_says_url_and_dest(tmp_path):
     url = (tmp_path / "nope.bin").as_uri()
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(DownloadError) as e:
         fetch(url, tmp_path / "dest.bin")
     assert url in str(e.value) and str(tmp_path / "dest.bin") in str(e.value)
 
 
-class _Broken:
-    """A response that delivers one chunk and then drops the connection."""
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, plus two misbehaving paths for the retry tests:
+    /flaky/NAME answers 503 to the first `fail_first` requests, then serves NAME;
+    /drop/NAME announces the full length of NAME, sends 10 bytes and closes the connection."""
 
-    def __init__(self):
-        self.chunks = [b"x" * 100]
+    fail_first = 0
+    calls: list[str] = []
 
-    def read(self, n):
-        if self.chunks:
-            return self.chunks.pop()
-        raise ConnectionResetError("connection dropped")
+    def log_message(self, *args):
+        pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_fetch_interrupted_leaves_no_half_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(download.urllib.request, "urlopen", lambda url, timeout: _Broken())
-    with pytest.raises(RuntimeError, match="connection dropped"):
-        fetch("http://example.invalid/f.bin", tmp_path / "f.bin", retries=1)
-    assert all_files(tmp_path) == set()
-
-
-def test_fetch_retries_transient_errors(tmp_path, monkeypatch):
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"payload")
-    real_urlopen, calls, sleeps = download.urllib.request.urlopen, [], []
-
-    def flaky(url, timeout):
-        calls.append(url)
-        if len(calls) < 3:
-            raise urllib.error.URLError(TimeoutError("timed out"))
-        return real_urlopen(src.as_uri(), timeout=timeout)
-
-    monkeypatch.setattr(download.urllib.request, "urlopen", flaky)
-    monkeypatch.setattr(download.time, "sleep", sleeps.append)
-    assert fetch("http://example.invalid/f", tmp_path / "f", retries=3).read_bytes() == b"payload"
-    assert len(calls) == 3 and sleeps == [1, 2]
+    def do_GET(self):
+        type(self).calls.append(self.path)
+        if self.path.startswith("/flaky/"):
+            if len([c for c in self.calls if c == self.path]) <= self.fail_first:
+                self.send_error(503, "try again")
+                return
+            self.path = self.path[len("/flaky"):]
+        elif self.path.startswith("/drop/"):
+            body = (Path(self.directory) / self.path[len("/drop/"):]).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:10])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
 
 
 @pytest.fixture
 def http_dir(tmp_path):
-    """Serve tmp_path/www over HTTP on localhost; yields (folder, base URL)."""
+    """Serve tmp_path/www over HTTP on localhost; yields (folder, base URL, handler class)."""
     www = tmp_path / "www"
     www.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(Quiet, directory=www)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    handler_cls = type("Handler", (_Handler,), {"calls": [], "fail_first": 0})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler_cls, directory=str(www)))
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield www, f"http://127.0.0.1:{server.server_address[1]}/"
+    yield www, f"http://127.0.0.1:{server.server_address[1]}/", handler_cls
     server.shutdown()
     server.server_close()
 
 
+def test_fetch_interrupted_leaves_no_half_file(http_dir, tmp_path, monkeypatch):
+    www, base, _ = http_dir
+    (www / "f.bin").write_bytes(b"x" * 5000)
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    with pytest.raises(DownloadError, match="place it at"):
+        fetch(base + "drop/f.bin", tmp_path / "out" / "f.bin", retries=2)
+    assert all_files(tmp_path / "out") == set()
+
+
+def test_fetch_retries_transient_errors(http_dir, tmp_path, monkeypatch):
+    www, base, handler = http_dir
+    (www / "f").write_bytes(b"payload")
+    handler.fail_first = 2
+    sleeps = []
+    monkeypatch.setattr(download.time, "sleep", sleeps.append)
+    assert fetch(base + "flaky/f", tmp_path / "f", retries=3).read_bytes() == b"payload"
+    assert handler.calls == ["/flaky/f"] * 3 and sleeps == [1, 2]
+
+
+def test_fetch_gives_up_after_retries_with_one_line_error(http_dir, tmp_path, monkeypatch):
+    www, base, handler = http_dir
+    (www / "f").write_bytes(b"payload")
+    handler.fail_first = 5
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    with pytest.raises(DownloadError) as e:
+        fetch(base + "flaky/f", tmp_path / "f", retries=2)
+    assert "HTTP 503" in str(e.value) and "\n" not in str(e.value)
+    assert len(handler.calls) == 2
+
+
 def test_fetch_over_http_and_404_is_not_retried(http_dir, tmp_path, monkeypatch):
-    www, base = http_dir
+    www, base, handler = http_dir
     (www / "f.bin").write_bytes(b"over http")
     assert fetch(base + "f.bin", tmp_path / "f.bin").read_bytes() == b"over http"
     monkeypatch.setattr(download.time, "sleep", lambda s: pytest.fail("a 404 must not be retried"))
-    with pytest.raises(RuntimeError, match="404"):
+    with pytest.raises(DownloadError, match="HTTP 404"):
         fetch(base + "missing.bin", tmp_path / "missing.bin")
+
+
+def test_fetch_over_http_checks_hash(http_dir, tmp_path):
+    www, base, _ = http_dir
+    (www / "f.bin").write_bytes(b"over http")
+    good = file_hash(www / "f.bin", "md5")
+    assert fetch(base + "f.bin", tmp_path / "a", checksum=("md5", good)).exists()
+    with pytest.raises(ValueError, match="md5 mismatch"):
+        fetch(base + "f.bin", tmp_path / "b", checksum=("md5", "0" * 32))
+    assert all_files(tmp_path) >= {"a"} and not (tmp_path / "b").exists()
+
+
+def test_no_network_is_one_line(tmp_path, monkeypatch):
+    """A closed port stands in for a machine without network: no traceback text, one line."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    monkeypatch.setattr(download.time, "sleep", lambda s: None)
+    with pytest.raises(DownloadError) as e:
+        fetch(f"http://127.0.0.1:{port}/f.bin", tmp_path / "f.bin", retries=2)
+    msg = str(e.value)
+    assert "\n" not in msg and "connection refused" in msg and str(tmp_path / "f.bin") in msg
+    assert len(msg) < 300
 
 
 # -----------------------------------------------------------------------------
