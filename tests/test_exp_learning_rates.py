@@ -63,3 +63,25 @@ def test_choose_refuses_the_grid_edge(result):
 def test_bad_input():
     with pytest.raises(ValueError):
         lr_sweep(override(TINY, {"tuning.seeds": (0,)}))
+
+
+def test_tracker_weight_growth_under_sgd():
+    """With plain SGD (no momentum) a scale-invariant weight's norm can only grow."""
+    import torch
+
+    from bnlib import data as datasets
+    from bnlib.models import mlp
+    from bnlib.probes import WeightNormTracker
+    from bnlib.train import seeded, train
+    net = seeded(0, lambda: mlp(64, 10, depth=2, width=16, norm="batch"))
+    tr = WeightNormTracker([b.layer for b in net.blocks], lr=0.5, every=1)
+    train(net, datasets.load("digits"), steps=15, lr=0.5, momentum=0.0, eval_every=15,
+          callbacks=[tr], show_progress=False)
+    for _, g in tr.frame().groupby("layer"):
+        assert (g["w_norm"].diff().dropna() >= -1e-5).all()
+    s = tr.summary()
+    assert s["w_ratio"].iloc[-1] > 1 and s["eff_lr"].iloc[-1] < 0.5
+    with pytest.raises(ValueError):
+        WeightNormTracker([], lr=0.1)
+    with pytest.raises(ValueError):
+        WeightNormTracker([torch.nn.Linear(2, 2)], lr=float("nan"))
