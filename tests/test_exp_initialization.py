@@ -1,58 +1,59 @@
-"""Mechanics of chapter 8's experiments (tiny configs; the real run is the notebook)."""
+"""Mechanics of chapter 8's experiment (tiny configs; the real run is the notebook)."""
 from __future__ import annotations
 
-import dataclasses
-
-import pandas as pd
+import numpy as np
 import pytest
 
+from bnlib import data as datasets
+from bnlib.config import override
 from bnlib.experiments import get
-from bnlib.experiments.initialization import (InitScaleConfig, InitSchemesConfig, init_scale,
-                                              init_schemes, run_summary, working_range)
+from bnlib.experiments.initialization import (InitConfig, activation_scale, init, scale_times,
+                                              scheme_finals, scheme_std_ratio)
 
-TINY = InitScaleConfig(depth=4, width=16, scales=(0.01, 1.0, 100.0), lrs=(0.05,), steps=15,
-                       eval_every=5, seeds=(0,))
+TINY = override(InitConfig(), {"model.depth": 3, "model.width": 16, "train.steps": 20,
+                               "train.eval_every": 5, "seeds": (0, 1), "tuning.seeds": (1000,),
+                               "tuning.grid": (0.01, 0.1), "scales": (0.3, 1.0)})
+
+
+@pytest.fixture(scope="module")
+def result():
+    return init(TINY)
 
 
 def test_registered():
-    assert get("init_scale").config is InitScaleConfig
-    assert get("init_schemes").chapter == "08_initialization"
-    assert InitScaleConfig.full().steps > InitScaleConfig.quick().steps
-    assert InitSchemesConfig.full().seeds != InitSchemesConfig.quick().seeds
+    exp = get("init")
+    assert exp.config is InitConfig and exp.chapter == "08_initialization"
+    assert InitConfig.full().train.steps > InitConfig().train.steps
 
 
-def test_init_scale_sweep():
-    df = init_scale(TINY)
-    assert {"arm", "init_scale", "lr", "seed"} <= set(df.columns)
-    s = run_summary(df)
-    assert len(s) == 2 * 3                       # arms × scales × lrs × seeds
-    # a 100× Kaiming init blows up the plain 4-layer net (100⁴ = 1e8 on the logits) but not BN
-    assert s[(s.arm == "plain") & (s.init_scale == 100.0)]["diverged"].all()
-    assert not s[(s.arm == "BN")]["diverged"].any()
-    assert (s[s.diverged]["val_acc"] == 0).all()
-    w = working_range(s, threshold=0.0)
-    assert set(w["arm"]) == {"plain", "BN"} and (w["width"] >= 1).all()
+def test_kinds_and_rates(result):
+    assert set(result["kind"]) == {"tuning", "history", "scale"}
+    assert set(result.loc[result.kind == "tuning", "seed"]) == {1000}
+    s = scheme_finals(result)
+    assert set(s["scheme"]) == set(TINY.schemes) and set(s["seed"]) == {0, 1}
+    assert s.groupby(["scheme", "arm"])["lr"].nunique().max() == 1
+    sc = result[result.kind == "scale"]
+    k = s[s.scheme == "kaiming"].groupby("arm")["lr"].first()
+    assert (sc.groupby("arm")["lr"].first() == k).all()   # the scale sweep runs at Kaiming's rate
+    assert set(sc["init_scale"]) == {0.3, 1.0}
 
 
-def test_init_schemes_sweep():
-    cfg = InitSchemesConfig(depth=2, width=8, schemes=("xavier", "normal(0.01)"), lrs=(0.05,),
-                            steps=5, eval_every=5, seeds=(0,))
-    s = run_summary(init_schemes(cfg), by=("arm", "scheme", "lr", "seed"))
-    assert set(s["scheme"]) == {"xavier", "normal(0.01)"} and len(s) == 4
-    w = working_range(s, threshold=0.0, x="scheme")
-    assert (w["n_ok"] == 2).all()
-    per_arm = init_schemes(dataclasses.replace(cfg, schemes=("xavier",), arm_lrs=(("plain", 0.01), ("BN", 0.1))))
-    assert per_arm.groupby("arm")["lr"].unique().map(list).to_dict() == {"BN": [0.1], "plain": [0.01]}
+def test_censored_times_finite(result):
+    t = scale_times(result, 0.5)
+    assert np.isfinite(t["steps"]).all() and (t["steps"] <= TINY.train.steps).all()
+
+
+def test_no_training_probes():
+    x = datasets.load("digits").train.x[:64]
+    a = activation_scale(TINY, x, scales=(0.3, 3.0))
+    hidden = a[(a.arm == "BN") & (a.layer <= 3)].pivot(index="layer", columns="init_scale", values="std")
+    assert np.allclose(hidden[0.3], hidden[3.0], rtol=1e-3)     # BN divides the scale out
+    plain = a[(a.arm == "plain") & (a.layer == 3)].set_index("init_scale")["std"]
+    assert plain[3.0] > 100 * plain[0.3]                          # s^L without it
+    r = scheme_std_ratio(TINY).set_index("scheme")["vs_kaiming"]
+    assert r["kaiming"] == 1 and r["xavier"] < 1
 
 
 def test_bad_input():
     with pytest.raises(ValueError):
-        init_scale(dataclasses.replace(TINY, scales=(0.0,)))
-    with pytest.raises(ValueError):
-        init_scale(dataclasses.replace(TINY, lrs=()))
-    with pytest.raises(ValueError):
-        init_schemes(InitSchemesConfig(schemes=("orthogonal",)))
-    with pytest.raises(ValueError):
-        init_schemes(InitSchemesConfig(arm_lrs=(("BN", 0.1),)))
-    with pytest.raises(ValueError):
-        run_summary(pd.DataFrame({"arm": ["BN"]}))
+        init(override(TINY, {"schemes": ("xavier",)}))
