@@ -385,14 +385,14 @@ class InferenceStatsConfig(Protocol):
 
     data: str = "mnist5k"             # 3,250 training samples: 256 of them are under 8 % of the split
     model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch")    # BN before each of 3 ReLUs; small for CPU
-    train: TrainSpec = TrainSpec(lr=0.1, steps=300, batch_size=64, eval_every=300,
-                                 eval_splits=())  # the long run (6 epochs); arms shorten it
+    train: TrainSpec = TrainSpec(lr=0.1, steps=200, batch_size=64, eval_every=200,
+                                 eval_splits=())  # the long run (4 epochs); arms shorten it
     arms: dict[str, dict[str, Any]] = field(default_factory=_regimes)  # regimes where the EMA may lag
     bn_momentum: float = 0.1          # PyTorch's default running-average momentum; one arm slows it
     samples: tuple[int, ...] = (64, 256)  # precise-BN subset sizes, besides the whole training split
     precise_batch_size: int = 256     # chunk size of the forward passes (the pooling is exact anyway)
     test_batch_size: int = 64         # test batches that normalise themselves ("batch stats")
-    track_points: int = 8             # how often per run the EMA's error is measured
+    track_points: int = 6             # how often per run the EMA's error is measured
     track_seeds: int = 2              # ... on the first seeds only (each look is a full pass per layer)
     margin: float = 0.01              # smallest test-accuracy difference that matters (1 pp), fixed in advance
 
@@ -400,6 +400,7 @@ class InferenceStatsConfig(Protocol):
     def full(cls) -> "InferenceStatsConfig":
         return override(cls(), {
             "data": "mnist", "model.width": 512, "track_seeds": 8, "train.steps": 20000,
+            "train.eval_every": 20000,
             "arms": {"long run": {}, "short run, batch 2048": {"train.steps": 60, "train.batch_size": 2048,
                                                                "train.lr": 0.5},
                      "slow EMA (m=0.01)": {"train.steps": 300, "bn_momentum": 0.01}},
