@@ -390,7 +390,7 @@ class InferenceStatsConfig(Protocol):
     arms: dict[str, dict[str, Any]] = field(default_factory=_regimes)  # regimes where the EMA may lag
     bn_momentum: float = 0.1          # PyTorch's default running-average momentum; one arm slows it
     samples: tuple[int, ...] = (64, 256)  # precise-BN subset sizes, besides the whole training split
-    precise_batch_size: int = 256     # chunk size of the forward passes (the pooling is exact anyway)
+    precise_batch_size: int = 1024    # chunk size of the forward passes (the pooling is exact anyway)
     test_batch_size: int = 64         # test batches that normalise themselves ("batch stats")
     track_points: int = 6             # how often per run the EMA's error is measured
     track_seeds: int = 2              # ... on the first seeds only (each look is a full pass per layer)
