@@ -1,6 +1,7 @@
 """Mechanics of Part I's experiments and helpers (bnlib/experiments/foundations.py)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from bnlib import reference
-from bnlib.data import load
-from bnlib.experiments import get
+from bnlib.config import override
 from bnlib.experiments import foundations as fd
+from bnlib.experiments import get
+from bnlib.models import MLPSpec
+from bnlib.train import TrainSpec, fit
 
 
 def _problem(n=6, d=4, seed=0):
@@ -54,12 +57,15 @@ def test_backward_peak_memory_and_bad_impl():
 
 
 def test_backward_timing_is_tidy_and_registered():
-    cfg = dataclasses.replace(fd.BackwardTimingConfig(), sizes=((8, 4), (16, 8)), repeats=2, number=1)
+    cfg = override(fd.BackwardTimingConfig(), {"sizes": ((8, 4), (16, 8)), "repeats": 3, "number": 1})
     df = fd.backward_timing(cfg)
-    assert set(df.columns) >= {"n", "d", "impl", "repeat", "seconds", "max_abs_diff"}
-    assert len(df) == 2 * 2 * 2 and (df["seconds"] > 0).all()
+    assert list(df.columns) == ["n", "d", "impl", "repeat", "seconds", "max_abs_diff"]
+    assert len(df) == 2 * 2 * 3 and (df["seconds"] >= 0).all()
     assert (df["max_abs_diff"] < 1e-12).all()
+    sp = fd.timing_speedups(df)
+    assert list(sp["entries"]) == [32, 128] and (sp["repeats"] == 3).all()
     assert get("backward_timing").chapter == "02_backward_pass"
+    assert len(fd.BackwardTimingConfig.full().sizes) > len(cfg.sizes)
     with pytest.raises(ValueError):
         fd.backward_timing(dataclasses.replace(cfg, repeats=0))
 
@@ -89,31 +95,44 @@ def test_ema_conventions_agree():
         fd.ema(v, 1.5)
 
 
-def test_accuracy_and_statistics_error():
-    ds = load("digits")
-    net, _ = fd.train_bn_mlp(ds, seed=0, steps=3, batch_size=32, lr=0.1, width=16, depth=2)
-    loss, acc = fd.accuracy(net, ds.test)
-    assert 0 <= acc <= 1 and loss > 0
-    assert fd.accuracy(net, ds.test, statistics="batch", batch_size=359)[1] >= 0  # a last batch of one is skipped
-    with pytest.raises(ValueError):
-        fd.accuracy(net, ds.test, statistics="population")
+def test_probes_set_momentum_and_track_without_touching_the_model():
+    spec = MLPSpec(depth=2, width=16, norm="batch")
+    tracker_x = torch.randn(100, 64)
+    tracker = fd.EMATracker(tracker_x, every=2, batch_size=32)
+    hist = fit(spec, TrainSpec(steps=4, batch_size=32, eval_every=4, eval_splits=()), "digits", 0,
+               callbacks=[fd.SetBNMomentum(0.5), tracker])
+    net = hist.attrs["model"]
+    assert all(bn.momentum == 0.5 for bn in fd.batchnorm_layers(net))
+    assert sorted({r["step"] for r in tracker.rows}) == [2, 4] and len(tracker.rows) == 4
     err = fd.statistics_error(net, net)
     assert list(err["layer"]) == [1, 2] and (err[["mean_error", "var_log_ratio"]] == 0).all().all()
+    other = copy.deepcopy(net)
+    other.blocks[0].norm.running_mean += 1.0
+    assert fd.statistics_error(other, net).loc[0, "mean_error"] > 0
     with pytest.raises(ValueError):
         fd.statistics_error(net, torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError):
+        fd.SetBNMomentum(0.0)
 
 
 def test_inference_statistics_tiny():
-    cfg = dataclasses.replace(fd.InferenceStatsConfig(), seeds=(0,), width=16, depth=2,
-                              regimes=(("tiny", 6, 32, 0.1, 0.1),), samples=(64, None), track_points=3)
+    cfg = override(fd.InferenceStatsConfig(), {
+        "data": "digits", "seeds": (0,), "model.width": 16, "model.depth": 2, "train.steps": 6,
+        "train.batch_size": 32, "samples": (64,), "track_points": 3, "track_seeds": 1})
+    cfg = dataclasses.replace(cfg, arms={"tiny": {}, "slow": {"train.steps": 4, "bn_momentum": 0.01}})
     df = fd.inference_statistics(cfg)
     assert set(df.columns) == {"regime", "seed", "step", "method", "samples", "layer", "metric", "value"}
     acc = df[df["metric"] == "test_accuracy"]
-    assert set(acc["method"]) == {"EMA", "precise (64)", "precise (all)", "batch stats",
-                                  "batch stats, class-sorted"}
-    ema_steps = sorted(df[(df["method"] == "EMA") & (df["metric"] == "mean_error")]["step"].unique())
+    assert fd.method_order(acc["method"]) == ["EMA", "precise (64)", "precise (all)", "batch stats",
+                                               "batch stats, class-sorted"]
+    ema_steps = sorted(df[(df["method"] == "EMA") & (df["metric"] == "mean_error")
+                          & (df["regime"] == "tiny")]["step"].unique())
     assert ema_steps == [2, 4, 6]
     full = df[(df["method"] == "precise (all)") & (df["metric"] == "mean_error")]
     assert (full["value"] == 0).all()
+    sub = df[(df["method"] == "precise (64)") & (df["metric"] == "mean_error")]
+    assert (sub["value"] > 0).all()
+    assert get("inference_statistics").chapter == "03_train_vs_inference"
+    assert fd.InferenceStatsConfig.full().data == "mnist"
     with pytest.raises(ValueError):
         fd.inference_statistics(dataclasses.replace(cfg, samples=(1,)))

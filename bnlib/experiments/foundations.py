@@ -5,54 +5,51 @@ Two registered experiments:
 
 * ``backward_timing`` (chapter 2): the node-by-node backward of
   :func:`bnlib.reference.batchnorm_backward_naive` against the closed form
-  :func:`bnlib.reference.batchnorm_backward`, in NumPy, over several batch shapes.
-  Repeats are interleaved (the two implementations alternate, in alternating order) so
-  that a slow patch of a shared machine hits both; read medians, not means.
-* ``inference_statistics`` (chapter 3): train a BN MLP in a few regimes (a long run, a
-  short run with large batches, a run with a slow Keras-style moving average), then
-  evaluate the *same weights* with the running (EMA) statistics, with "precise BN"
-  statistics recomputed on N training samples, and with the statistics of each test
-  batch. A training callback (:class:`EMATracker`) also records how far the running
-  statistics are from the statistics of the whole training set as training goes on.
+  :func:`bnlib.reference.batchnorm_backward`, in NumPy, timed with the book's harness
+  (:func:`bnlib.timing.time_interleaved`: CPU time, a fresh random order every repeat).
+* ``inference_statistics`` (chapter 3): train a BN MLP in a few regimes (the arms: a long
+  run, a short large-batch run, a slow Keras-style moving average), then evaluate the *same
+  weights* with the running (EMA) statistics, with precise-BN statistics recomputed exactly
+  on N training samples, and with the statistics of each test batch
+  (:func:`bnlib.inference.evaluate`). A probe (:class:`EMATracker`) records how far the
+  running statistics are from those of the whole training set as training goes on.
 
-And the helpers the three chapters use: :func:`relative_error`,
-:func:`autograd_batchnorm_grads`, :func:`backward_without_variance_path` (a deliberately
-wrong backward for the "all-ones upstream gradient" trap), :func:`backward_peak_memory`,
-:func:`feature_distributions`, :func:`sigmoid_linear_r2`, :func:`ema` (both momentum
-conventions), :func:`statistics_error` and :func:`accuracy`.
+And the chapters' small helpers: :func:`relative_error`, :func:`autograd_batchnorm_grads`,
+:func:`backward_without_variance_path` (a deliberately wrong backward),
+:func:`backward_peak_memory`, :func:`feature_distributions`, :func:`sigmoid_linear_r2`,
+:func:`ema` (both momentum conventions) and :func:`statistics_error`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import time
 import tracemalloc
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import data as datasets
 from .. import reference
-from ..data import Dataset, Split
-from ..inference import batch_statistics, recompute_batchnorm_stats
-from ..models import mlp
+from ..config import override
+from ..inference import evaluate, recompute_batchnorm_stats
+from ..models import MLPSpec
 from ..nn import batchnorm_layers
-from ..train import StepInfo, resolve_device, seeded, train
+from ..probes import Probe
+from ..protocol import Protocol, arm_config, load_data
+from ..timing import paired_ratio, time_interleaved
+from ..train import StepInfo, TrainSpec, fit
 from . import Config, register
 
 __all__ = [
     "relative_error", "autograd_batchnorm_grads", "backward_without_variance_path",
     "backward_peak_memory", "BackwardTimingConfig", "backward_timing", "timing_speedups",
-    "plot_backward_timing",
-    "feature_distributions", "sigmoid_linear_r2", "ema",
-    "statistics_error", "accuracy", "EMATracker", "train_bn_mlp",
-    "InferenceStatsConfig", "inference_statistics", "plot_inference_statistics", "METHOD_ORDER",
+    "plot_backward_timing", "feature_distributions", "sigmoid_linear_r2", "ema",
+    "statistics_error", "EMATracker", "InferenceStatsConfig", "inference_statistics",
+    "plot_inference_statistics", "method_order",
 ]
 
 
@@ -148,30 +145,34 @@ def backward_peak_memory(n: int, d: int, impl: str, seed: int = 0) -> int:
 
 @dataclass(frozen=True)
 class BackwardTimingConfig(Config):
-    """Batch shapes ``(N, D)`` to time; ``repeats`` interleaved timings of ``number`` calls each."""
+    """Batch shapes ``(N, D)`` to time, each with both backward implementations."""
 
-    sizes: tuple[tuple[int, int], ...] = ((64, 64), (256, 256), (1024, 256), (4096, 256))
-    repeats: int = 9
-    number: int = 5
+    seeds: tuple[int, ...] = (0,)     # one random problem per shape; the repeats give the spread
+    sizes: tuple[tuple[int, int], ...] = ((64, 64), (256, 256), (1024, 256), (4096, 256))  # in cache to past L2
+    repeats: int = 15                 # interleaved repeats: medians and quartiles over them
+    number: int = 3                   # calls per timed repeat (the smallest shape takes ~0.1 ms)
 
     @classmethod
     def full(cls) -> "BackwardTimingConfig":
-        return cls(sizes=((64, 64), (256, 256), (1024, 256), (4096, 256), (4096, 1024),
-                          (16384, 1024), (65536, 512)), repeats=21, number=10)
+        return override(cls(), {"sizes": ((64, 64), (256, 256), (1024, 256), (4096, 256), (4096, 1024),
+                                          (16384, 1024), (65536, 512)), "repeats": 31, "number": 10})
 
 
 def timing_speedups(df: pd.DataFrame) -> pd.DataFrame:
-    """Per size and repeat, ``speedup`` = naive seconds / closed-form seconds (the two
-    timings of a repeat were taken back to back, so the ratio is paired)."""
-    wide = df.pivot_table(index=["n", "d", "repeat"], columns="impl", values="seconds").reset_index()
-    if not {"naive", "closed form"} <= set(wide.columns):
-        raise ValueError("need timings of both 'naive' and 'closed form'")
-    return wide.assign(entries=wide["n"] * wide["d"], speedup=wide["naive"] / wide["closed form"])
+    """Per shape, the paired speed-up naive / closed form (:func:`bnlib.timing.paired_ratio`:
+    the median over repeats of the ratio of the two timings taken in the same repeat, and
+    its quartiles). Columns ``n, d, entries, median, q25, q75, repeats``."""
+    out = []
+    for (n, d), g in df.groupby(["n", "d"], sort=True):
+        r = paired_ratio(g, "naive", "closed form", name="impl")
+        out.append(dict(n=n, d=d, entries=n * d, median=r["median"], q25=r["q25"], q75=r["q75"],
+                        repeats=r["n"]))
+    return pd.DataFrame(out)
 
 
 def plot_backward_timing(df: pd.DataFrame, axes=None):
     """Left: median ms per call against N·D per implementation (bars: interquartile range over
-    repeats). Right: the paired speed-up naive / closed form per size (median and IQR)."""
+    repeats). Right: the paired speed-up naive / closed form per shape (median and IQR)."""
     import matplotlib.pyplot as plt
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
@@ -184,9 +185,9 @@ def plot_backward_timing(df: pd.DataFrame, axes=None):
     ax.set(xscale="log", yscale="log", xlabel="entries in the batch (N·D)",
            ylabel="ms per backward call (median)", title="NumPy batch-norm backward")
     ax.legend()
-    sp = timing_speedups(df).groupby("entries")["speedup"].quantile([0.25, 0.5, 0.75]).unstack()
-    ax2.errorbar(sp.index, sp[0.5], yerr=[sp[0.5] - sp[0.25], sp[0.75] - sp[0.5]], marker="o",
-                 capsize=3, color="black")
+    sp = timing_speedups(df)
+    ax2.errorbar(sp["entries"], sp["median"], yerr=[sp["median"] - sp["q25"], sp["q75"] - sp["median"]],
+                 marker="o", capsize=3, color="black")
     ax2.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     ax2.set(xscale="log", xlabel="entries in the batch (N·D)", ylabel="naive time / closed-form time",
             title="Speed-up of the closed form")
@@ -197,35 +198,28 @@ def plot_backward_timing(df: pd.DataFrame, axes=None):
           title="Batch-norm backward: naive graph walk vs closed form (NumPy)",
           chapter="02_backward_pass", plot=plot_backward_timing)
 def backward_timing(cfg: BackwardTimingConfig) -> pd.DataFrame:
-    """Seconds per backward call of each implementation, one row per (size, impl, repeat).
+    """CPU seconds per backward call of each implementation, one row per (shape, impl, repeat),
+    timed by :func:`bnlib.timing.time_interleaved`.
 
-    Columns ``n, d, impl, repeat, seconds``; also ``max_abs_diff`` between the two
-    implementations' ``dx`` on that size (they must agree). NumPy only: ``cfg.device``
-    is ignored. Repeats alternate which implementation goes first.
+    Columns ``n, d, impl, repeat, seconds`` and ``max_abs_diff``, the largest difference
+    between the two implementations' ``dx`` on that shape (they must agree). NumPy only:
+    ``cfg.device`` is ignored.
     """
     if cfg.repeats < 1 or cfg.number < 1:
         raise ValueError("repeats and number must be ≥ 1")
     if not cfg.sizes:
         raise ValueError("give at least one (N, D) size")
     seed = cfg.seeds[0] if cfg.seeds else 0
-    rows = []
+    frames = []
     for n, d in cfg.sizes:
         dout, cache = _problem(n, d, seed)
-        diff = float(np.abs(_BACKWARDS["naive"](dout, cache)[0] - _BACKWARDS["closed form"](dout, cache)[0]).max())
-        names = list(_BACKWARDS)
-        for _ in range(2):  # warm-up: first calls pay for page faults
-            for name in names:
-                _BACKWARDS[name](dout, cache)
-        for r in range(cfg.repeats):
-            order = names if r % 2 == 0 else names[::-1]
-            for name in order:
-                fn = _BACKWARDS[name]
-                t0 = time.process_time()  # CPU time: other processes' load is not charged
-                for _ in range(cfg.number):
-                    fn(dout, cache)
-                rows.append(dict(n=n, d=d, impl=name, repeat=r,
-                                 seconds=(time.process_time() - t0) / cfg.number, max_abs_diff=diff))
-    return pd.DataFrame(rows)
+        diff = float(np.abs(_BACKWARDS["naive"](dout, cache)[0]
+                            - _BACKWARDS["closed form"](dout, cache)[0]).max())
+        fns = {name: (lambda fn=fn: fn(dout, cache)) for name, fn in _BACKWARDS.items()}
+        t = time_interleaved(fns, repeats=cfg.repeats, number=cfg.number, warmup=2, seed=seed,
+                             device="cpu")
+        frames.append(t.rename(columns={"name": "impl"}).assign(n=n, d=d, max_abs_diff=diff))
+    return pd.concat(frames, ignore_index=True)[["n", "d", "impl", "repeat", "seconds", "max_abs_diff"]]
 
 
 # --- chapter 1: what the transform does to distributions -------------------------------------
@@ -341,145 +335,104 @@ def statistics_error(model: nn.Module, reference_model: nn.Module) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, split: Split, *, statistics: str = "running", batch_size: int = 256,
-             order: str = "shuffled", seed: int = 0) -> tuple[float, float]:
-    """Test loss and accuracy of ``model`` on ``split``.
+class SetBNMomentum(Probe):
+    """Sets every BN layer's running-average momentum (PyTorch convention) before training."""
 
-    ``statistics="running"``: eval mode, each BN uses its stored statistics, so batching
-    does not matter. ``statistics="batch"``: each BN uses the statistics of the test batch
-    it is given (:func:`bnlib.inference.batch_statistics`), so the answer depends on how
-    the test set is cut into batches of ``batch_size``: ``order="shuffled"`` (a seeded
-    random order), ``"class_sorted"`` (batches of mostly one class) or ``"given"``.
-    """
-    if statistics not in ("running", "batch"):
-        raise ValueError(f"statistics must be 'running' or 'batch', got {statistics!r}")
-    if order not in ("shuffled", "class_sorted", "given"):
-        raise ValueError(f"order must be 'shuffled', 'class_sorted' or 'given', got {order!r}")
-    if batch_size < 2:
-        raise ValueError("batch_size must be at least 2")
-    x, y = split.x, split.y
-    if order == "shuffled":
-        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(y.device)
-    elif order == "class_sorted":
-        idx = torch.argsort(y.cpu(), stable=True).to(y.device)
-    else:
-        idx = torch.arange(len(y), device=y.device)
-    x, y = x[idx], y[idx]
-    model.eval()
-    ctx = batch_statistics(model) if statistics == "batch" else contextlib.nullcontext()
-    loss, correct, seen = 0.0, 0, 0
-    with ctx:
-        for i in range(0, len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            if statistics == "batch" and len(yb) < 2:  # a batch of one has no batch statistics: skip it
-                continue
-            out = model(xb)
-            loss += F.cross_entropy(out, yb, reduction="sum").item()
-            correct += (out.argmax(1) == yb).sum().item()
-            seen += len(yb)
-    return loss / seen, correct / seen
+    def __init__(self, momentum: float) -> None:
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"bn momentum must be in (0, 1], got {momentum}")
+        self.momentum, self.rows = momentum, []
+
+    def on_train_start(self, model: nn.Module) -> None:
+        for bn in batchnorm_layers(model):
+            bn.momentum = self.momentum
+
+    def __call__(self, info: StepInfo) -> None:
+        pass
 
 
 def _precise(model: nn.Module, x: Tensor, samples: int | None, batch_size: int) -> nn.Module:
-    """A copy of ``model`` with precise-BN statistics from the first ``samples`` rows of ``x``."""
+    """A copy of ``model`` with exact precise-BN statistics of the first ``samples`` rows of ``x``."""
     return recompute_batchnorm_stats(copy.deepcopy(model), x, batch_size=batch_size, max_samples=samples)
 
 
-class EMATracker:
-    """Training callback: every ``every`` steps, how far the running statistics are from the
-    statistics of the whole training set *for the current weights* (precise BN on ``x``).
-
-    Rows ``step, layer, mean_error, var_log_ratio`` (see :func:`statistics_error`); read
-    :meth:`frame`. The model itself is never changed (the reference is a copy).
-    """
+class EMATracker(Probe):
+    """Every ``every`` steps, how far the running statistics are from the statistics of the
+    whole of ``x`` *for the current weights* (exact precise BN on a copy; the model is not
+    touched). Rows ``step, layer, mean_error, var_log_ratio`` (:func:`statistics_error`)."""
 
     def __init__(self, x: Tensor, *, every: int = 10, batch_size: int = 256) -> None:
         if every < 1:
             raise ValueError(f"every must be ≥ 1, got {every}")
-        self.x, self.every, self.batch_size = x, every, batch_size
-        self.rows: list[pd.DataFrame] = []
+        self.x, self.every, self.batch_size, self.rows = x, every, batch_size, []
 
     def __call__(self, info: StepInfo) -> None:
         if info.step % self.every == 0:
-            was = info.model.training
             ref = _precise(info.model, self.x, None, self.batch_size)
-            info.model.train(was)
-            self.rows.append(statistics_error(info.model, ref).assign(step=info.step))
-
-    def frame(self) -> pd.DataFrame:
-        return pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(
-            columns=["layer", "mean_error", "var_log_ratio", "step"])
+            self.rows += statistics_error(info.model, ref).assign(step=info.step).to_dict("records")
 
 
-def train_bn_mlp(ds: Dataset, *, seed: int, steps: int, batch_size: int, lr: float,
-                 bn_momentum: float = 0.1, depth: int = 3, width: int = 128, device: str = "auto",
-                 callbacks: Sequence[Callable] = ()) -> tuple[nn.Module, pd.DataFrame]:
-    """A ReLU MLP with BN before every activation, trained by :func:`bnlib.train.train`
-    (plain SGD) with the BN running-average momentum ``bn_momentum`` (PyTorch convention).
-    Returns ``(model, history)``; the model is left in eval mode."""
-    if not 0.0 < bn_momentum <= 1.0:
-        raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
-    net = seeded(seed, lambda: mlp(ds.num_features, ds.num_classes, depth=depth, width=width, norm="batch"))
-    for bn in batchnorm_layers(net):
-        bn.momentum = bn_momentum
-    hist = train(net, ds, steps=steps, lr=lr, batch_size=batch_size, seed=seed, device=device,
-                 eval_every=steps, eval_splits=(), callbacks=callbacks, show_progress=False)
-    return net, hist
+def _regimes() -> dict[str, dict[str, Any]]:
+    return {"long run": {},
+            "short run, batch 512": {"train.steps": 15, "train.batch_size": 512, "train.lr": 0.5},
+            "slow EMA (m=0.01)": {"train.steps": 100, "bn_momentum": 0.01}}
 
 
 @dataclass(frozen=True)
-class InferenceStatsConfig(Config):
-    """Training regimes ``(label, steps, batch_size, bn_momentum, lr)`` of a BN MLP, the
-    precise-BN sample counts to try (``None`` = the whole training split), the batch size
-    precise BN averages over, the test batch size for batch-statistics inference, and how
-    many times during each run :class:`EMATracker` looks."""
+class InferenceStatsConfig(Protocol):
+    """A BN MLP trained in a few regimes (the arms), its weights then evaluated with several
+    kinds of statistics. The class defaults are the quick preset."""
 
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    data: str = "digits"
-    depth: int = 3
-    width: int = 128
-    regimes: tuple[tuple[str, int, int, float, float], ...] = (
-        ("long run", 300, 64, 0.1, 0.1),
-        ("short run, batch 512", 15, 512, 0.1, 0.5),
-        ("slow EMA (m=0.01)", 100, 64, 0.01, 0.1),
-    )
-    samples: tuple[int | None, ...] = (64, 256, 1024, None)
-    precise_batch_size: int = 256
-    test_batch_size: int = 64
-    track_points: int = 10
+    data: str = "mnist5k"             # 3,250 training samples: 256 of them are under 8 % of the split
+    model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch")    # BN before each of 3 ReLUs; small for CPU
+    train: TrainSpec = TrainSpec(lr=0.1, steps=200, batch_size=64, eval_every=200,
+                                 eval_splits=())  # the long run (4 epochs); arms shorten it
+    arms: dict[str, dict[str, Any]] = field(default_factory=_regimes)  # regimes where the EMA may lag
+    bn_momentum: float = 0.1          # PyTorch's default running-average momentum; one arm slows it
+    samples: tuple[int, ...] = (64, 256)  # precise-BN subset sizes, besides the whole training split
+    precise_batch_size: int = 1024    # chunk size of the forward passes (the pooling is exact anyway)
+    test_batch_size: int = 64         # test batches that normalise themselves ("batch stats")
+    track_points: int = 6             # how often per run the EMA's error is measured
+    track_seeds: int = 2              # ... on the first seeds only (each look is a full pass per layer)
+    margin: float = 0.01              # smallest test-accuracy difference that matters (1 pp), fixed in advance
 
     @classmethod
     def full(cls) -> "InferenceStatsConfig":
-        return cls(data="mnist", width=512, seeds=(0, 1, 2, 3, 4, 5, 6, 7),
-                   regimes=(("long run", 20000, 64, 0.1, 0.1),
-                            ("short run, batch 2048", 60, 2048, 0.1, 0.5),
-                            ("slow EMA (m=0.01)", 300, 64, 0.01, 0.1)),
-                   samples=(64, 256, 1024, 4096, 16384, None), track_points=20)
+        return override(cls(), {
+            "data": "mnist", "model.width": 512, "track_seeds": 8, "train.steps": 20000,
+            "train.eval_every": 20000,
+            "arms": {"long run": {}, "short run, batch 2048": {"train.steps": 60, "train.batch_size": 2048,
+                                                               "train.lr": 0.5},
+                     "slow EMA (m=0.01)": {"train.steps": 300, "bn_momentum": 0.01}},
+            "samples": (64, 256, 1024, 4096, 16384), "track_points": 20})
 
 
 def _label(samples: int | None) -> str:
     return "precise (all)" if samples is None else f"precise ({samples})"
 
 
-METHOD_ORDER = ("EMA", "precise (64)", "precise (256)", "precise (1024)", "precise (4096)",
-                "precise (16384)", "precise (all)", "batch stats", "batch stats, class-sorted")
+def method_order(methods) -> list[str]:
+    """The evaluation methods in reading order: EMA, precise BN by sample count, batch stats."""
+    present = set(methods)
+    precise = sorted((m for m in present if m.startswith("precise (") and m != "precise (all)"),
+                     key=lambda m: int(m[9:-1]))
+    order = ["EMA", *precise, "precise (all)", "batch stats", "batch stats, class-sorted"]
+    return [m for m in order if m in present] + sorted(present - set(order))
 
 
 def plot_inference_statistics(df: pd.DataFrame, axes=None):
     """Test accuracy of every evaluation method, per regime (mean ± sd over seeds). Left: the
-    running statistics, precise BN and shuffled batch statistics (a zoomed scale); right: batch
-    statistics on shuffled vs class-sorted test batches (its own scale)."""
+    running statistics, precise BN and shuffled batch statistics; right: batch statistics on
+    shuffled vs class-sorted test batches (its own scale)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True,
                                gridspec_kw={"width_ratios": [2, 1]})
     acc = df[df["metric"] == "test_accuracy"]
-    present = set(acc["method"])
-    order = [m for m in METHOD_ORDER if m in present] + sorted(present - set(METHOD_ORDER))
+    order = method_order(acc["method"])
     left = [m for m in order if m != "batch stats, class-sorted"]
-    right = [m for m in ("batch stats", "batch stats, class-sorted") if m in present]
+    right = [m for m in ("batch stats", "batch stats, class-sorted") if m in order]
     for ax, methods, title in [(axes[0], left, "Same weights, different inference statistics"),
                                (axes[1], right, "Batch statistics: shuffled vs class-sorted")]:
         sns.pointplot(data=acc[acc["method"].isin(methods)], x="value", y="method", hue="regime",
@@ -495,63 +448,65 @@ def plot_inference_statistics(df: pd.DataFrame, axes=None):
           title="Inference statistics: running averages vs precise BN vs batch statistics",
           chapter="03_train_vs_inference", plot=plot_inference_statistics)
 def inference_statistics(cfg: InferenceStatsConfig) -> pd.DataFrame:
-    """Train a BN MLP per regime and seed, then evaluate the same weights several ways.
+    """Train the BN MLP per regime (arm) and seed with :func:`bnlib.train.fit`, then evaluate
+    the same weights several ways with :func:`bnlib.inference.evaluate`.
 
     Tidy long format, columns ``regime, seed, step, method, samples, layer, metric, value``:
 
-    * ``metric="test_accuracy"``/``"test_loss"`` (``layer=0``) for ``method`` in
-      ``"EMA"`` (the running statistics), ``"precise (N)"``/``"precise (all)"``
-      (statistics recomputed on N shuffled training samples; ``samples`` holds N), ``"batch
-      stats"`` (each shuffled test batch of ``cfg.test_batch_size`` normalises itself) and
-      ``"batch stats, class-sorted"`` (the same with batches cut from a class-sorted test set);
-    * ``metric="mean_error"``/``"var_log_ratio"`` per BN ``layer`` (1-based), measured against
-      precise statistics on the whole training split: for ``"EMA"`` at every tracked step
-      during training and at the end, and for every ``"precise (N)"`` at the end.
+    * ``metric="test_accuracy"``/``"test_loss"`` (``layer=0``) for ``method`` in ``"EMA"``
+      (the running statistics), ``"precise (N)"``/``"precise (all)"`` (statistics recomputed
+      exactly on N shuffled training samples; ``samples`` holds N), ``"batch stats"`` (each
+      shuffled test batch of ``cfg.test_batch_size`` normalises itself) and ``"batch stats,
+      class-sorted"`` (batches cut from the class-sorted test set);
+    * ``metric="mean_error"``/``"var_log_ratio"`` per BN ``layer`` (1-based), against exact
+      statistics of the whole training split: for ``"EMA"`` during training (:class:`EMATracker`)
+      on the first ``cfg.track_seeds`` seeds and at the end of every run, and for every
+      ``"precise (N)"`` at the end.
     """
-    if not cfg.regimes:
-        raise ValueError("give at least one training regime")
-    if any(s is not None and s < 2 for s in cfg.samples):
-        raise ValueError(f"precise-BN sample counts must be ≥ 2 (or None for all), got {cfg.samples}")
-    device = resolve_device(cfg.device)
-    ds = datasets.load(cfg.data, device=device)
-    n_train = len(ds.train)
+    if not cfg.arms:
+        raise ValueError("give at least one training regime (arm)")
+    if any(s < 2 for s in cfg.samples):
+        raise ValueError(f"precise-BN sample counts must be ≥ 2, got {cfg.samples}")
+    data = load_data(cfg)
+    n_train = len(data.train)
     rows: list[dict] = []
     for seed in cfg.seeds:
-        # the training data in a seeded random order: some splits are sorted by class, and
-        # precise BN takes the first N rows
-        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).to(device)
-        x_shuffled = ds.train.x[perm]
-        for label, steps, batch_size, bn_momentum, lr in cfg.regimes:
-            tracker = EMATracker(x_shuffled, every=max(steps // max(cfg.track_points, 1), 1),
+        # the training set in a seeded random order: precise BN takes the first N rows
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+        x = data.train.x[perm]
+        for regime in cfg.arms:
+            acfg = arm_config(cfg, regime)
+            steps = acfg.train.steps
+            tracker = EMATracker(x, every=max(steps // max(cfg.track_points, 1), 1),
                                  batch_size=cfg.precise_batch_size)
-            net, _ = train_bn_mlp(ds, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
-                                  bn_momentum=bn_momentum, depth=cfg.depth, width=cfg.width,
-                                  device=str(device), callbacks=[tracker])
-            base = dict(regime=label, seed=seed)
+            probes = [SetBNMomentum(acfg.bn_momentum)] + ([tracker] if seed in cfg.seeds[:cfg.track_seeds] else [])
+            hist = fit(acfg.model, acfg.train, data, seed, callbacks=probes)
+            net = hist.attrs["model"].cpu()
+            base = dict(regime=regime, seed=seed)
 
             def add(method, samples, step, layer, metric, value):
                 rows.append(dict(base, step=step, method=method, samples=samples, layer=layer,
                                  metric=metric, value=float(value)))
 
-            tracked = tracker.frame()
-            for _, r in tracked.iterrows():
-                add("EMA", math.nan, int(r["step"]), int(r["layer"]), "mean_error", r["mean_error"])
-                add("EMA", math.nan, int(r["step"]), int(r["layer"]), "var_log_ratio", r["var_log_ratio"])
-            full = _precise(net, x_shuffled, None, cfg.precise_batch_size)
+            for r in tracker.rows:
+                for metric in ("mean_error", "var_log_ratio"):
+                    add("EMA", math.nan, r["step"], r["layer"], metric, r[metric])
+            full = _precise(net, x, None, cfg.precise_batch_size)
             models = {"EMA": (net, math.nan)}
-            for s in cfg.samples:
-                models[_label(s)] = (full if s is None else _precise(net, x_shuffled, s, cfg.precise_batch_size),
-                                     n_train if s is None else min(s, n_train))
+            models.update({_label(s): (_precise(net, x, s, cfg.precise_batch_size), min(s, n_train))
+                           for s in cfg.samples})
+            models["precise (all)"] = (full, n_train)
+            tracked_end = any(r["step"] == steps for r in tracker.rows)
             for method, (model, samples) in models.items():
-                loss, acc = accuracy(model, ds.test, statistics="running")
+                loss, acc = evaluate(model, data.test, statistics="running")
                 add(method, samples, steps, 0, "test_accuracy", acc)
                 add(method, samples, steps, 0, "test_loss", loss)
-                if method != "EMA" or not (tracked["step"] == steps).any():
-                    for _, r in statistics_error(model, full).iterrows():
-                        add(method, samples, steps, int(r["layer"]), "mean_error", r["mean_error"])
-                        add(method, samples, steps, int(r["layer"]), "var_log_ratio", r["var_log_ratio"])
+                if method != "EMA" or not tracked_end:
+                    for r in statistics_error(model, full).to_dict("records"):
+                        for metric in ("mean_error", "var_log_ratio"):
+                            add(method, samples, steps, r["layer"], metric, r[metric])
             for method, order in (("batch stats", "shuffled"), ("batch stats, class-sorted", "class_sorted")):
-                loss, acc = accuracy(net, ds.test, statistics="batch", batch_size=cfg.test_batch_size,
+                loss, acc = evaluate(net, data.test, statistics="batch", batch_size=cfg.test_batch_size,
                                      order=order, seed=seed)
                 add(method, math.nan, steps, 0, "test_accuracy", acc)
                 add(method, math.nan, steps, 0, "test_loss", loss)
