@@ -197,6 +197,31 @@ def legacy_final_table(df: pd.DataFrame, by: Sequence[str] = ("dataset", "arm"))
 final_table = legacy_final_table  # the name chapter 15 imports (to be removed there)
 
 
+def arm_summary(table: pd.DataFrame, values: Sequence[str], by: Sequence[str] = ("dataset", "arm")
+                ) -> pd.DataFrame:
+    """Legacy (chapter 15 until it moves to the protocol): mean and sd over seeds of
+    ``values`` per ``by`` group, with the ``lr`` and the seed count ``n``."""
+    by = [b for b in by if b in table]
+    g = table.groupby(by, sort=False)
+    out = g[list(values)].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    return out.assign(lr=g["lr"].first(), n=g["seed"].nunique()).reset_index()
+
+
+def paired_table(table: pd.DataFrame, value: str, a: str, b: str, by: str | None = "dataset"
+                 ) -> pd.DataFrame:
+    """Legacy (chapter 15 until it moves to the protocol): :func:`bnlib.analysis.paired_difference`
+    of ``value``, arm ``a`` minus arm ``b`` paired on the seed, per ``by`` group."""
+    groups = [(None, table)] if by is None else list(table.groupby(by, sort=False))
+    out = []
+    for key, sub in groups:
+        d = analysis.paired_difference(*analysis.pairs(sub, value, a, b))
+        out.append({**({by: key} if by is not None else {}), "comparison": f"{a} − {b}", "n": d.n,
+                    "mean": d.mean, "std": d.sd, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                    "significant": d.p < 0.05})
+    return pd.DataFrame(out)
+
+
 # --- experiment 1: plain vs BN across data sets ---------------------------------------------
 
 @dataclass(frozen=True)
