@@ -1,19 +1,23 @@
 """Mechanics of chapter 5's experiments (bnlib/experiments/generalization.py)."""
 from __future__ import annotations
 
-import dataclasses
-
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from bnlib import data as datasets
 from bnlib import experiments
+from bnlib.config import override
 from bnlib.experiments.generalization import (ControlsConfig, GeneralizationConfig, GhostBatchNorm1d,
-                                              final_table, fit_mlp, generalization,
-                                              generalization_controls, use_ghost_batchnorm)
-from bnlib.models import mlp
+                                              GhostMLPSpec, final_wide, generalization,
+                                              generalization_controls, matched_gap,
+                                              use_ghost_batchnorm)
+from bnlib.models import MLPSpec, mlp
 from bnlib.nn import BatchNorm1d
+
+TINY = {"datasets": ("wine",), "train.steps": 4, "train.eval_every": 2, "model.width": 8,
+        "model.depth": 1, "seeds": (0, 1), "tuning.seeds": (10,), "tuning.allow_edge": True,
+        "tuning.grid": (0.05, 0.2)}
 
 
 def test_ghost_bn_with_one_virtual_batch_is_batch_norm():
@@ -35,66 +39,58 @@ def test_ghost_bn_normalises_each_virtual_batch_on_its_own():
         chunk = out[8 * i:8 * (i + 1)]
         torch.testing.assert_close(chunk.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
         torch.testing.assert_close(chunk.var(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
-    assert int(ghost.num_batches_tracked) == 4  # every virtual batch updates the running stats
-    # a ragged batch: 30 examples -> 3 chunks of 10, none of size 1
-    assert ghost(torch.randn(30, 4)).shape == (30, 4)
-    out.sum().backward()  # gradients flow
+    assert int(ghost.num_batches_tracked) == 4
+    assert ghost(torch.randn(30, 4)).shape == (30, 4)  # ragged: 3 chunks of 10
+    out.sum().backward()
     assert ghost.weight.grad is not None
 
 
-def test_ghost_bn_errors():
+def test_ghost_bn_errors_and_spec():
     with pytest.raises(ValueError, match="virtual_batch_size"):
         GhostBatchNorm1d(4, virtual_batch_size=1)
     with pytest.raises(ValueError, match="at least 2"):
         GhostBatchNorm1d(4)(torch.randn(1, 4))
     with pytest.raises(ValueError, match="no bnlib BatchNorm1d"):
         use_ghost_batchnorm(nn.Linear(3, 3))
-
-
-def test_use_ghost_batchnorm_swaps_every_bn():
+    from bnlib import data
+    ds = data.load("wine")
+    ghost = GhostMLPSpec(depth=2, width=8, virtual_batch=4).build(0, ds)
+    plain = MLPSpec(depth=2, width=8, norm="batch").build(0, ds)
+    assert all(isinstance(b.norm, GhostBatchNorm1d) for b in ghost.blocks)
+    torch.testing.assert_close(ghost.blocks[0].layer.weight, plain.blocks[0].layer.weight)
+    assert not isinstance(GhostMLPSpec(), MLPSpec)  # never trained as plain BN by a stacked engine
     net = mlp(6, 3, depth=2, width=8, norm="batch")
     use_ghost_batchnorm(net, 4)
-    norms = [b.norm for b in net.blocks]
-    assert all(isinstance(n, GhostBatchNorm1d) and n.virtual_batch_size == 4 for n in norms)
     assert net(torch.randn(16, 6)).shape == (16, 3)
 
 
-def test_fit_mlp_ghost_and_full_batch():
-    ds = datasets.load("wine")
-    df = fit_mlp(seed=0, data=ds, lr=0.1, steps=3, depth=1, width=8, norm="batch", ghost=4,
-                 batch_size=16, device="cpu")
-    assert set(df["split"]) == {"batch", "train", "val", "test"}
-    df = fit_mlp(seed=0, data=ds, lr=0.1, steps=2, depth=1, width=8, full_batch=True, device="cpu")
-    assert df["step"].max() == 2
-    with pytest.raises(ValueError, match="ghost"):
-        fit_mlp(seed=0, data=ds, lr=0.1, steps=2, norm="none", ghost=4)
-
-
-def test_generalization_tiny_and_final_table():
-    cfg = dataclasses.replace(GeneralizationConfig(), datasets=("wine",), lrs=(0.05, 0.1), steps=3,
-                              depth=1, width=8, seeds=(0, 1), device="cpu")
-    df = generalization(cfg)
-    assert {"arm", "seed", "lr", "dataset"} <= set(df.columns)
-    table = final_table(df)
-    assert len(table) == 2 * 2  # arms x seeds, one LR each
-    assert {"accuracy_test", "loss_train", "gap"} <= set(table.columns)
+def test_generalization_tiny_final_wide_and_matched_gap():
+    df = generalization(override(GeneralizationConfig(), TINY))
+    table = final_wide(df)
+    assert len(table) == 2 * 2  # arms x reported seeds
+    assert {"accuracy_test", "loss_train", "gap", "lr"} <= set(table.columns)
+    m = matched_gap(df, 0.0)
+    assert m["reached"].all() and (m["step"] == 0).all()
+    assert matched_gap(df, 1.01)["accuracy_test"].isna().all()  # never reached: NaN, not a number
     with pytest.raises(ValueError):
-        generalization(dataclasses.replace(cfg, lrs=()))
+        generalization(override(GeneralizationConfig(), {**TINY, "datasets": ()}))
 
 
-def test_controls_tiny_and_validation():
-    cfg = dataclasses.replace(ControlsConfig(), n_train=60, lrs=(0.1,), steps=2, depth=1, width=8,
-                              batch_size=16, ghost_batch=4, seeds=(0,), device="cpu")
+def test_controls_tiny():
+    cfg = override(ControlsConfig(), {**TINY, "n_train": 60, "train.batch_size": 16,
+                                      "ghost_batch": 4, "dropout_grid": (0.1, 0.5)})
     df = generalization_controls(cfg)
-    assert set(df["arm"]) == {"plain", "plain + dropout", "BN", "BN, full batch", "ghost BN (4)"}
+    table = final_wide(df)
+    assert set(table["arm"]) == {"plain", "dropout", "BN", "BN + dropout", "BN, full batch", "ghost BN"}
+    assert table.groupby("arm")["seed"].nunique().eq(2).all()
+    lr = table.groupby("arm")["lr"].first()
+    assert lr["ghost BN"] == lr["BN"] == lr["BN + dropout"] and lr["dropout"] == lr["plain"]
+    assert table[table["arm"].str.contains("dropout")]["dropout"].isin([0.1, 0.5]).all()
     with pytest.raises(ValueError, match="ghost_batch"):
-        generalization_controls(dataclasses.replace(cfg, ghost_batch=16))
-    with pytest.raises(ValueError, match="unknown control arms"):
-        generalization_controls(dataclasses.replace(cfg, arms=("nope",)))
+        generalization_controls(override(cfg, {"ghost_batch": 16}))
 
 
 def test_registered():
-    names = experiments.names()
-    assert {"generalization", "generalization_controls"} <= set(names)
+    assert {"generalization", "generalization_controls"} <= set(experiments.names())
     assert experiments.get("generalization").chapter == "05_generalization"
     GeneralizationConfig.full(), ControlsConfig.full()

@@ -1,55 +1,57 @@
 """Mechanics of chapter 14's experiment (bnlib/experiments/shallow.py)."""
 from __future__ import annotations
 
-import dataclasses
-
+import pandas as pd
 import pytest
 import torch
 
 from bnlib import experiments
-from bnlib.experiments.shallow import (SHALLOW_ARMS, LogisticRegression, ShallowConfig, fit_shallow,
-                                       shallow_nets, table_at)
+from bnlib.config import override
+from bnlib.experiments.shallow import (LogisticRegression, LogRegSpec, ShallowConfig, as_of, choices,
+                                       reported, rows, shallow_nets)
 from bnlib.nn import BatchNorm1d
 
+TINY = {"datasets": ("wine",), "logreg_on": ("wine",), "train.steps": 4, "train.eval_every": 2,
+        "early_step": 2, "model.width": 8, "seeds": (0, 1), "tuning.seeds": (10,),
+        "tuning.allow_edge": True, "tuning.grid": (0.05, 0.2)}
 
-def test_logistic_regression():
-    plain = LogisticRegression(5, 3)
-    with_bn = LogisticRegression(5, 3, input_norm=True)
+
+def test_logistic_regression_and_spec():
+    plain, with_bn = LogisticRegression(5, 3), LogisticRegression(5, 3, input_norm=True)
     assert isinstance(with_bn.norm, BatchNorm1d) and not isinstance(plain.norm, BatchNorm1d)
     x = torch.randn(8, 5)
     assert plain(x).shape == with_bn(x).shape == (8, 3)
-    # input BN in training mode: the classifier sees standardised features
-    with_bn.train()
-    out = with_bn.norm(x * 100 + 7)
+    out = with_bn.train().norm(x * 100 + 7)  # input BN: the classifier sees standardised features
     torch.testing.assert_close(out.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         LogisticRegression(5, 1)
+    with pytest.raises(ValueError, match="norm"):
+        LogRegSpec(norm="layer").build(0, None)
 
 
-def test_fit_shallow_kinds():
-    for arm in ("logreg + input BN", "1 hidden, standardized"):
-        df = fit_shallow(seed=0, dataset="wine", lr=0.1, steps=4, eval_every=2, width=8,
-                         batch_size=16, device="cpu", **SHALLOW_ARMS[arm])
-        assert sorted(set(df["step"])) == [0, 2, 4]
-    with pytest.raises(ValueError, match="kind"):
-        fit_shallow(seed=0, dataset="wine", kind="deep", norm=False, preprocessing="scaled",
-                    lr=0.1, steps=2)
+def test_as_of_uses_no_later_information():
+    h = pd.DataFrame({"step": [0, 10, 20, 0, 10], "split": "val", "loss": 1.0,
+                      "accuracy": [0.1, 0.5, 0.9, 0.1, 0.6], "elapsed": 0.0,
+                      "diverged": [False] * 3 + [True] * 2, "lr": [0.1] * 3 + [1.0] * 2})
+    at10 = as_of(h, 10)
+    assert at10["step"].max() == 10
+    assert not at10["diverged"].any()  # the lr=1.0 run diverged after step 10: unknown at 10
+    assert as_of(h, 20)[lambda d: d["lr"] == 1.0]["diverged"].all()
 
 
-def test_shallow_nets_tiny_and_table_at():
-    cfg = dataclasses.replace(ShallowConfig(), datasets=("wine",), arms=("logreg", "1 hidden + BN"),
-                              lrs=(0.05, 0.2), steps=4, early_step=2, eval_every=2, width=8,
-                              batch_size=16, seeds=(0, 1), device="cpu")
+def test_shallow_nets_tiny():
+    cfg = override(ShallowConfig(), TINY)
     df = shallow_nets(cfg)
-    early, final = table_at(df, 2), table_at(df, 4)
-    assert len(early) == len(final) == 2 * 2  # arms x seeds at the tuned LR
-    assert {"accuracy_val", "accuracy_test", "lr"} <= set(final.columns)
-    with pytest.raises(ValueError, match="not evaluated"):
-        table_at(df, 3)
+    assert set(df["kind"]) == {"tuning", "history"}
+    pick = choices(rows(df, "tuning"), cfg)
+    assert set(pick["horizon"]) == {2, 4} and len(pick) == 2 * 5
+    early = reported(df, cfg, 2)
+    assert len(early) == 5 * 2 and {"accuracy_val", "accuracy_test", "lr"} <= set(early.columns)
+    assert set(early["seed"]) == {0, 1}
     with pytest.raises(ValueError, match="unknown arms"):
-        shallow_nets(dataclasses.replace(cfg, arms=("deep",)))
+        shallow_nets(override(cfg, {"arms": {"deep": {}}}))
     with pytest.raises(ValueError, match="multiples"):
-        shallow_nets(dataclasses.replace(cfg, early_step=3))
+        shallow_nets(override(cfg, {"early_step": 3}))
 
 
 def test_registered():

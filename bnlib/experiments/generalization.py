@@ -1,42 +1,45 @@
-"""Chapter 5: does batch norm generalize better?
+"""Chapter 5: does batch norm generalize better (T2, I3, I4, I8, B3, K1's second half)?
 
-Two experiments:
+Two experiments on the protocol (:mod:`bnlib.protocol`):
 
-* ``generalization`` — plain vs BN MLPs on several datasets, the learning rate tuned per
-  arm *and* per dataset on the validation split; the final train/val/test loss and
-  accuracy of every run (the article's accuracy table T2, the train–test gap I3, the
-  across-datasets claim I4 and the train/test losses I8).
-* ``generalization_controls`` — a small-data setting (a few hundred training examples)
-  with arms that pull apart *where* a regularising effect could come from (B3): BN with
-  mini-batch statistics, BN with full-batch statistics (no batch noise at all), ghost BN
-  (normalise in small virtual batches: more normalisation noise, same gradient noise),
-  plain nets with and without dropout; a plain full-batch net (the gradient-noise
-  control, arm ``"plain, full batch"``) is available but not in the quick preset.
+* ``generalization`` — plain vs BN MLPs on several data sets, the learning rate tuned per arm
+  and data set on the validation split with the tuning seeds, then 8 reported seeds at the
+  choice; train, val and test are evaluated every ``train.eval_every`` steps, so the
+  train–test gap can be read at a *matched training accuracy* (:func:`matched_gap`) as well
+  as at the end.
+* ``generalization_controls`` — small training sets, batch norm × dropout as a factorial
+  (``plain``, ``dropout``, ``BN``, ``BN + dropout``; the dropout rate tuned on validation at
+  the base arm's tuned learning rate) plus two controls on BN's batch noise: full-batch BN
+  (no sampling noise at all, and no gradient noise either) and ghost BN (statistics over
+  virtual batches of 8: more normalisation noise, same batches and learning rate as BN).
 
 :class:`GhostBatchNorm1d` (ghost batch normalisation, Hoffer et al. 2017) is built on
-:func:`bnlib.functional.batch_norm`; :func:`use_ghost_batchnorm` swaps it into a model.
+:func:`bnlib.functional.batch_norm`; :class:`GhostMLPSpec` is the model spec that uses it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .. import data as datasets
+from .. import analysis
 from .. import functional as BF
-from ..models import mlp
+from ..config import override
+from ..models import CNNSpec, MLPSpec, mlp
 from ..nn import BatchNorm1d
-from ..stats import paired_difference
-from ..train import seeded, train
-from . import Config, register, sweep
+from ..protocol import Protocol, Tuning, load_data, rows, runs, tuned
+from ..train import TrainSpec
+from . import register
 from ._common import at_best_lr, final_rows
 
-__all__ = ["GhostBatchNorm1d", "use_ghost_batchnorm", "GeneralizationConfig", "generalization",
-           "ControlsConfig", "generalization_controls", "fit_mlp", "final_table", "arm_summary",
-           "paired_table", "plot_generalization", "plot_controls"]
+__all__ = ["GhostBatchNorm1d", "use_ghost_batchnorm", "GhostMLPSpec", "GeneralizationConfig",
+           "generalization", "ControlsConfig", "generalization_controls", "final_wide",
+           "matched_gap", "plot_generalization", "plot_controls", "rows"]
 
 
 # --- ghost batch norm ------------------------------------------------------------------
@@ -48,10 +51,11 @@ class GhostBatchNorm1d(BatchNorm1d):
     consecutive chunks of (nearly) equal size, each at least ``virtual_batch_size``
     examples, and every chunk is normalised with its own mean and variance by
     :func:`bnlib.functional.batch_norm`; each chunk also updates the running statistics,
-    as in Hoffer et al. (2017). Smaller chunks give noisier statistics, so the
-    normalisation noise grows while the gradient is still averaged over the whole batch.
-    In evaluation mode it is an ordinary batch norm with the running statistics.
-    Parameters, buffers and ``state_dict`` are those of :class:`bnlib.nn.BatchNorm1d`.
+    as in Hoffer et al. (2017). Smaller chunks give noisier statistics: the network sees
+    the same batch, but each example is normalised with noisier statistics, so its
+    activations, and hence the gradient, change. In evaluation mode it is an ordinary
+    batch norm with the running statistics. Parameters, buffers and ``state_dict`` are
+    those of :class:`bnlib.nn.BatchNorm1d`.
     """
 
     def __init__(self, num_features: int, virtual_batch_size: int = 8, **kwargs: Any) -> None:
@@ -113,57 +117,91 @@ def use_ghost_batchnorm(model: nn.Module, virtual_batch_size: int = 8) -> nn.Mod
     return model
 
 
-# --- one run ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GhostMLPSpec:
+    """A BN MLP whose batch norms are :class:`GhostBatchNorm1d` over ``virtual_batch`` examples
+    (a separate spec, not an :class:`MLPSpec`, so no engine mistakes it for plain BN)."""
 
-def fit_mlp(*, seed: int, data: datasets.Dataset, lr: float, steps: int, batch_size: int = 64,
-            momentum: float = 0.9, weight_decay: float = 0.0, depth: int = 3, width: int = 128,
-            norm: str = "none", dropout: float = 0.0, ghost: int | None = None,
-            full_batch: bool = False, eval_every: int | None = None,
-            splits: Sequence[str] = ("train", "val", "test"), device: str = "auto") -> pd.DataFrame:
-    """Train one seeded MLP and return its history on ``splits`` (eval mode).
+    kind: ClassVar[str] = "ghost mlp"
+    depth: int = 2
+    width: int = 128
+    virtual_batch: int = 8
 
-    ``ghost`` turns every BN into a :class:`GhostBatchNorm1d` with that virtual batch size;
-    ``full_batch=True`` trains on the whole training split at every step (plain gradient
-    descent, and BN statistics without any sampling noise). By default only the start and
-    the end of training are evaluated.
-    """
-    if ghost is not None and norm != "batch":
-        raise ValueError("ghost batch norm needs norm='batch'")
-    net = seeded(seed, lambda: mlp(data.num_features, data.num_classes, depth=depth, width=width,
-                                   norm=norm, dropout=dropout))
-    if ghost is not None:
-        use_ghost_batchnorm(net, ghost)
-    bs = len(data.train) if full_batch else batch_size
-    return train(net, data, steps=steps, lr=lr, batch_size=bs, momentum=momentum,
-                 weight_decay=weight_decay, seed=seed, eval_every=eval_every or steps,
-                 eval_splits=tuple(splits), device=device)
+    def inputs(self, data):
+        """The data as the network reads it (flat vectors)."""
+        return data
+
+    def build(self, seed: int, data) -> nn.Module:
+        """The network for ``data``, initialised right after ``torch.manual_seed(seed)``: the
+        same initial weights as ``MLPSpec(depth, width, norm="batch")`` with that seed."""
+        torch.manual_seed(seed)
+        net = mlp(data.num_features, data.num_classes, depth=self.depth, width=self.width, norm="batch")
+        return use_ghost_batchnorm(net, self.virtual_batch)
 
 
-def final_table(df: pd.DataFrame, by: Sequence[str] = ("dataset", "arm"), *,
-                tuned: bool = True) -> pd.DataFrame:
-    """One row per run: the final train/val/test accuracy and loss side by side, the
-    train–test ``gap`` (accuracy) and ``diverged``. With ``tuned=True`` (default) only the
-    runs at each group's best validation learning rate; ``tuned=False`` keeps every LR."""
+# --- reading results ---------------------------------------------------------------------
+
+def final_wide(df: pd.DataFrame, keys: Sequence[str] = ("data", "arm", "seed")) -> pd.DataFrame:
+    """One row per reported run: the final ``accuracy_<split>`` and ``loss_<split>`` of every
+    evaluated split side by side, the end-of-training ``gap`` (train − test accuracy) and
+    ``diverged``; the tuned value columns (``lr``, ``dropout``) are kept."""
+    hist = rows(df, "history") if "kind" in df else df
+    keys = [k for k in (*keys, "lr", "dropout") if k in hist]
+    out = None
+    for split in [s for s in ("train", "val", "test") if s in set(hist["split"])]:
+        for metric in ("accuracy", "loss"):
+            f = analysis.final(hist, split=split, metric=metric, keys=keys)
+            f = f.rename(columns={metric: f"{metric}_{split}"}).drop(columns="step")
+            out = f if out is None else out.merge(f, on=keys + ["diverged"])
+    if "accuracy_train" in out and "accuracy_test" in out:
+        out["gap"] = out["accuracy_train"] - out["accuracy_test"]
+    return out
+
+
+def _interp(x: np.ndarray, y: np.ndarray, at: float) -> float:
+    return float(np.interp(at, x, y))
+
+
+def matched_gap(df: pd.DataFrame, target: float, *, keys: Sequence[str] = ("data", "arm", "seed")
+                ) -> pd.DataFrame:
+    """Each reported run at the moment its *training* accuracy first reached ``target``
+    (interpolated between evaluations): ``step``, the test accuracy then and the gap
+    ``target − test accuracy``. Runs that never reached it get ``reached=False`` and NaN:
+    choose a target every run reaches (e.g. the smallest best training accuracy)."""
+    hist = rows(df, "history") if "kind" in df else df
+    keys = [k for k in keys if k in hist]
+    ttt = analysis.time_to_target(hist, target, split="train", keys=keys)
+    out = []
+    for _, r in ttt.iterrows():
+        mask = np.logical_and.reduce([hist[k] == r[k] for k in keys]) & (hist["split"] == "test")
+        test = hist[mask].sort_values("step")
+        acc = (_interp(test["step"].to_numpy(float), test["accuracy"].to_numpy(float), r["time"])
+               if r["reached"] else np.nan)
+        out.append({**{k: r[k] for k in keys}, "step": r["time"], "reached": bool(r["reached"]),
+                    "accuracy_test": acc, "gap": target - acc})
+    return pd.DataFrame(out)
+
+
+def legacy_final_table(df: pd.DataFrame, by: Sequence[str] = ("dataset", "arm")) -> pd.DataFrame:
+    """Old sweep results (``lr`` column, no ``kind``): each group's best-val-LR runs, final
+    metrics side by side. Kept only for chapter 15's plot until it moves to the protocol."""
     by = [b for b in by if b in df]
     keys = by + ["lr", "seed"]
-    runs = at_best_lr(df, by=by) if tuned else df
-    last = final_rows(runs, keys)
+    last = final_rows(at_best_lr(df, by=by), keys)
     last = last[last["split"].isin(["train", "val", "test"])]
     wide = last.pivot_table(index=keys, columns="split", values=["accuracy", "loss"]).reset_index()
     wide.columns = [f"{a}_{b}" if b else a for a, b in wide.columns]
-    wide["gap"] = wide["accuracy_train"] - wide["accuracy_test"]
-    diverged = runs.groupby(keys)["diverged"].any().reset_index()
-    return wide.merge(diverged, on=keys, how="left")
+    return wide
+
+
+final_table = legacy_final_table  # the name chapter 15 imports (to be removed there)
 
 
 def arm_summary(table: pd.DataFrame, values: Sequence[str], by: Sequence[str] = ("dataset", "arm")
                 ) -> pd.DataFrame:
-    """Mean and standard deviation over seeds of each column in ``values``, per ``by`` group
-    (columns ``<value>_mean``, ``<value>_std``), plus the tuned ``lr`` and the seed count ``n``."""
+    """Legacy (chapter 15 until it moves to the protocol): mean and sd over seeds of
+    ``values`` per ``by`` group, with the ``lr`` and the seed count ``n``."""
     by = [b for b in by if b in table]
-    missing = [v for v in values if v not in table]
-    if missing:
-        raise ValueError(f"columns {missing} not in the table; have {list(table.columns)}")
     g = table.groupby(by, sort=False)
     out = g[list(values)].agg(["mean", "std"])
     out.columns = [f"{a}_{b}" for a, b in out.columns]
@@ -172,152 +210,150 @@ def arm_summary(table: pd.DataFrame, values: Sequence[str], by: Sequence[str] = 
 
 def paired_table(table: pd.DataFrame, value: str, a: str, b: str, by: str | None = "dataset"
                  ) -> pd.DataFrame:
-    """:func:`bnlib.stats.paired_difference` of ``value`` (arm ``a`` minus arm ``b``, paired on
-    the seed) for every ``by`` group: columns ``mean, std, ci_low, ci_high, significant``."""
+    """Legacy (chapter 15 until it moves to the protocol): :func:`bnlib.analysis.paired_difference`
+    of ``value``, arm ``a`` minus arm ``b`` paired on the seed, per ``by`` group."""
     groups = [(None, table)] if by is None else list(table.groupby(by, sort=False))
-    rows = []
+    out = []
     for key, sub in groups:
-        d = paired_difference(sub, value, a, b)
-        rows.append({**({by: key} if by is not None else {}), "comparison": f"{a} − {b}",
-                     **{k: d[k] for k in ("n", "mean", "std", "ci_low", "ci_high", "significant")}})
-    return pd.DataFrame(rows)
+        d = analysis.paired_difference(*analysis.pairs(sub, value, a, b))
+        out.append({**({by: key} if by is not None else {}), "comparison": f"{a} − {b}", "n": d.n,
+                    "mean": d.mean, "std": d.sd, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                    "significant": d.p < 0.05})
+    return pd.DataFrame(out)
 
 
-# --- experiment 1: plain vs BN across datasets ------------------------------------------
+# --- experiment 1: plain vs BN across data sets ---------------------------------------------
 
 @dataclass(frozen=True)
-class GeneralizationConfig(Config):
-    """Plain vs BN MLPs, LR tuned per arm and dataset on the validation split."""
+class GeneralizationConfig(Protocol):
+    """Plain vs BN MLPs on several data sets, LR tuned per arm and data set on validation."""
 
-    datasets: tuple[str, ...] = ("digits", "mnist5k", "breast_cancer", "gaussian_mixture")
-    lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
-    steps: int = 120
-    batch_size: int = 64
-    momentum: float = 0.9
-    depth: int = 2
-    width: int = 128
-    mixture_separation: float = 0.7  # gaussian_mixture: overlapping classes, so not trivial
+    datasets: tuple[str, ...] = ("digits", "mnist1d", "breast_cancer", "gaussian_mixture")  # MNIST-1D: far from its ceiling
+    model: MLPSpec | CNNSpec = MLPSpec(depth=2, width=128)  # small: sequential runs stay affordable
+    train: TrainSpec = TrainSpec(momentum=0.9, steps=200, batch_size=64, eval_every=20,
+                                 eval_splits=("train", "val", "test"))  # train split: for the gap
+    tuning: Tuning = Tuning(grid=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))  # wide: no choice at an edge
+    margin: float = 0.01  # a test-accuracy difference under 1 point does not matter
+    loss_margin: float = 0.03  # a cross-entropy difference under 0.03 nats does not matter
 
     @classmethod
     def full(cls) -> "GeneralizationConfig":
-        return cls(datasets=("mnist", "fashion_mnist", "cifar10", "digits", "breast_cancer", "wine",
-                             "gaussian_mixture"),
-                   lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0), steps=5000, batch_size=128,
-                   depth=4, width=512, seeds=(0, 1, 2, 3, 4))
-
-
-ARMS = {"plain": {"norm": "none"}, "BN": {"norm": "batch"}}
+        return override(cls(), {"datasets": ("mnist1d", "fashion_mnist", "cifar10", "digits"),
+                                "model.depth": 4, "model.width": 512, "train.steps": 5000,
+                                "train.eval_every": 250, "train.batch_size": 128})
 
 
 def plot_generalization(df: pd.DataFrame, ax=None):
-    """Test accuracy at each arm's best validation LR, per dataset: mean ± sd over seeds
-    (large markers) and the individual seeds (dots)."""
+    """Test accuracy per data set and arm at the tuned learning rates: mean ± sd over the
+    reported seeds (large markers) and the individual seeds (dots)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     from ..plots import _palette
-    table = final_table(df)
+    table = final_wide(df)
     ax = ax or plt.gca()
     pal = _palette(table["arm"])
-    sns.pointplot(data=table, x="dataset", y="accuracy_test", hue="arm", errorbar=("sd", 1),
+    sns.pointplot(data=table, x="data", y="accuracy_test", hue="arm", errorbar=("sd", 1),
                   dodge=0.3, linestyle="none", palette=pal, ax=ax)
-    sns.stripplot(data=table, x="dataset", y="accuracy_test", hue="arm", dodge=True, alpha=0.4,
+    sns.stripplot(data=table, x="data", y="accuracy_test", hue="arm", dodge=True, alpha=0.4,
                   palette=pal, legend=False, ax=ax)
-    ax.set_ylabel("test accuracy (best val LR)")
+    ax.set_ylabel("test accuracy (tuned LR)")
     return ax
 
 
-@register("generalization", GeneralizationConfig, title="Plain vs BN: accuracy and loss across datasets",
+@register("generalization", GeneralizationConfig, title="Plain vs BN: accuracy and loss across data sets",
           chapter="05_generalization", plot=plot_generalization)
 def generalization(cfg: GeneralizationConfig) -> pd.DataFrame:
-    """Start and end of every run: columns ``step, split, loss, accuracy, ..., arm, seed,
-    lr, dataset``, splits ``train``/``val``/``test`` (eval mode) and ``batch``."""
-    if not cfg.datasets or not cfg.lrs:
-        raise ValueError("give at least one dataset and one learning rate")
-    frames = []
-    for name in cfg.datasets:
-        kwargs = {"separation": cfg.mixture_separation} if name == "gaussian_mixture" else {}
-        ds = datasets.load(name, **kwargs)
-        df = sweep(fit_mlp, arms=ARMS, grid={"lr": cfg.lrs}, seeds=cfg.seeds,
-                   common=dict(data=ds, steps=cfg.steps, batch_size=cfg.batch_size,
-                               momentum=cfg.momentum, depth=cfg.depth, width=cfg.width,
-                               device=cfg.device), desc=name)
-        frames.append(df.assign(dataset=name))
-    return pd.concat(frames, ignore_index=True)
+    """:func:`bnlib.protocol.tuned` on every data set: tuning runs (``kind="tuning"``) and the
+    reported seeds at each arm's choice (``kind="history"``), with a ``data`` column."""
+    if not cfg.datasets:
+        raise ValueError("give at least one data set")
+    return pd.concat([tuned(override(cfg, {"data": name})).assign(data=name)
+                      for name in cfg.datasets], ignore_index=True)
 
 
-# --- experiment 2: where would the regularisation come from? ---------------------------
+# --- experiment 2: BN × dropout, and where a regularising effect could come from ----------
 
-CONTROL_ARMS: dict[str, dict] = {
-    "plain": {"norm": "none"},
-    "plain, full batch": {"norm": "none", "full_batch": True},
-    "plain + dropout": {"norm": "none", "dropout": 0.3},
-    "BN": {"norm": "batch"},
-    "BN, full batch": {"norm": "batch", "full_batch": True},
-    "ghost BN": {"norm": "batch", "ghost": 8},
-}
+def _control_arms() -> dict[str, dict[str, Any]]:
+    return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"},
+            "BN, full batch": {"model.norm": "batch", "train.batch_size": 0},  # 0: the whole split
+            "dropout": {"model.norm": "none"}, "BN + dropout": {"model.norm": "batch"},
+            "ghost BN": {"model": GhostMLPSpec()}}
 
 
 @dataclass(frozen=True)
-class ControlsConfig(Config):
-    """Small-data digits: BN vs controls that remove or add batch-statistics noise."""
+class ControlsConfig(Protocol):
+    """Small training sets: BN × dropout, full-batch BN and ghost BN."""
 
-    dataset: str = "digits"
-    n_train: int = 300
-    lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
-    steps: int = 120
-    batch_size: int = 64
-    momentum: float = 0.9
-    depth: int = 2
-    width: int = 128
-    dropout: float = 0.3
-    ghost_batch: int = 8
-    arms: tuple[str, ...] = ("plain", "plain + dropout", "BN", "BN, full batch", "ghost BN")
+    datasets: tuple[str, ...] = ("digits", "mnist1d")  # digits as before; MNIST-1D is far from its ceiling
+    n_train: int | None = 300  # little data: room for a regulariser to matter
+    model: MLPSpec | CNNSpec | GhostMLPSpec = MLPSpec(depth=2, width=128)
+    train: TrainSpec = TrainSpec(momentum=0.9, steps=200, batch_size=64, eval_every=200,
+                                 eval_splits=("train", "val", "test"))
+    arms: dict[str, dict[str, Any]] = field(default_factory=_control_arms)
+    tuning: Tuning = Tuning(grid=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0))  # the learning rate
+    dropout_grid: tuple[float, ...] = (0.1, 0.3, 0.5)  # tuned per dropout arm; 0.5 is the usual ceiling
+    ghost_batch: int = 8  # virtual batch: 8 ghost batches per batch of 64
+    margin: float = 0.01  # a test-accuracy difference under 1 point does not matter
 
     @classmethod
     def full(cls) -> "ControlsConfig":
-        return cls(dataset="fashion_mnist", n_train=2000, lrs=(0.01, 0.03, 0.1, 0.3, 1.0),
-                   steps=3000, depth=4, width=512, seeds=(0, 1, 2, 3, 4))
-
-
-def _control_arms(cfg: ControlsConfig) -> dict[str, dict]:
-    unknown = [a for a in cfg.arms if a not in CONTROL_ARMS]
-    if unknown:
-        raise ValueError(f"unknown control arms {unknown}; choose from {list(CONTROL_ARMS)}")
-    arms = {a: dict(CONTROL_ARMS[a]) for a in cfg.arms}
-    for kw in arms.values():
-        if "dropout" in kw:
-            kw["dropout"] = cfg.dropout
-        if "ghost" in kw:
-            kw["ghost"] = cfg.ghost_batch
-    return {(f"ghost BN ({cfg.ghost_batch})" if "ghost" in kw else a): kw for a, kw in arms.items()}
+        return override(cls(), {"datasets": ("mnist1d", "fashion_mnist"), "n_train": 2000,
+                                "model.depth": 4, "model.width": 512, "train.steps": 3000,
+                                "train.eval_every": 3000})
 
 
 def plot_controls(df: pd.DataFrame):
-    """Test accuracy and train–test gap per control arm at its best validation LR."""
+    """Test accuracy and train–test gap per arm and data set, reported seeds."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-    table = final_table(df)
+    from ..plots import _palette
+    table = final_wide(df)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
     for ax, col, label in zip(axes, ["accuracy_test", "gap"], ["test accuracy", "train − test accuracy"]):
-        sns.pointplot(data=table, y="arm", x=col, errorbar=("sd", 1), linestyle="none", ax=ax,
-                      color="#1f77b4")
-        sns.stripplot(data=table, y="arm", x=col, color="0.4", size=4, ax=ax, alpha=0.6)
-        ax.set_xlabel(label + " (best val LR)")
+        sns.pointplot(data=table, y="arm", x=col, hue="data", errorbar=("sd", 1), linestyle="none",
+                      dodge=0.4, ax=ax)
+        ax.set_xlabel(label)
         ax.set_ylabel("")
     return fig
 
 
 @register("generalization_controls", ControlsConfig,
-          title="Small data: BN vs full-batch BN, ghost BN and dropout",
+          title="Small data: BN × dropout, full-batch BN and ghost BN",
           chapter="05_generalization", plot=plot_controls)
 def generalization_controls(cfg: ControlsConfig) -> pd.DataFrame:
-    """Like :func:`generalization` on ``n_train`` examples, with the control arms."""
-    if cfg.ghost_batch >= cfg.batch_size:
-        raise ValueError(f"ghost_batch ({cfg.ghost_batch}) must be smaller than batch_size "
-                         f"({cfg.batch_size}) to add normalisation noise")
-    ds = datasets.load(cfg.dataset, n_train=cfg.n_train)
-    df = sweep(fit_mlp, arms=_control_arms(cfg), grid={"lr": cfg.lrs}, seeds=cfg.seeds,
-               common=dict(data=ds, steps=cfg.steps, batch_size=cfg.batch_size,
-                           momentum=cfg.momentum, depth=cfg.depth, width=cfg.width,
-                           device=cfg.device), desc="controls")
-    return df.assign(dataset=f"{cfg.dataset} ({len(ds.train)} train)")
+    """Per data set: the learning rate tuned for ``plain``, ``BN`` and ``BN, full batch``;
+    ``dropout`` and ``BN + dropout`` at their base arm's learning rate with the dropout rate
+    tuned (column ``dropout``); ``ghost BN`` at BN's learning rate. All tuning on validation
+    with the tuning seeds; reported seeds at the choices."""
+    unknown = [a for a in cfg.arms if a not in _control_arms()]
+    if unknown:
+        raise ValueError(f"unknown control arms {unknown}; choose from {list(_control_arms())}")
+    if cfg.ghost_batch >= cfg.train.batch_size:
+        raise ValueError(f"ghost_batch ({cfg.ghost_batch}) must be smaller than train.batch_size "
+                         f"({cfg.train.batch_size}) to add normalisation noise")
+    if not isinstance(cfg.model, MLPSpec):
+        raise ValueError("generalization_controls needs an MLPSpec model")
+    frames = []
+    for name in cfg.datasets:
+        n = len(load_data(override(cfg, {"data": name})).train)
+        arms = {a: dict(cfg.arms[a]) for a in cfg.arms}
+        if "BN, full batch" in arms:
+            arms["BN, full batch"]["train.batch_size"] = n
+        if "ghost BN" in arms:
+            arms["ghost BN"] = {"model": GhostMLPSpec(cfg.model.depth, cfg.model.width, cfg.ghost_batch)}
+        dcfg = dataclasses.replace(override(cfg, {"data": name}), arms=arms)
+        lr_arms = [a for a in ("plain", "BN", "BN, full batch") if a in arms]
+        base = tuned(dcfg, arms=lr_arms)
+        frames.append(base.assign(data=name))
+        rep = rows(base, "history")
+        lr = rep.groupby("arm")["lr"].first()
+        for arm, of in (("dropout", "plain"), ("BN + dropout", "BN")):
+            if arm in arms:
+                t = Tuning(param="model.dropout", grid=cfg.dropout_grid, seeds=cfg.tuning.seeds,
+                           allow_edge=True)
+                dc = dataclasses.replace(override(dcfg, {"train.lr": float(lr[of])}), tuning=t)
+                frames.append(tuned(dc, arms=[arm]).assign(data=name, lr=float(lr[of])))
+        if "ghost BN" in arms:
+            frames.append(runs(override(dcfg, {"train.lr": float(lr["BN"])}), arms=["ghost BN"])
+                          .assign(data=name, lr=float(lr["BN"])))
+    return pd.concat(frames, ignore_index=True)

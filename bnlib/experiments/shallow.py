@@ -1,39 +1,41 @@
 """Chapter 14: does batch norm help shallow networks too (M2, F8)?
 
-One experiment, ``shallow_nets``: logistic regression and a one-hidden-layer MLP, each
-(a) as is, (b) with batch norm, and (c) with no BN but standardised inputs, the learning
-rate tuned per arm on the validation split. The history is evaluated every few steps so a
-chapter can read both *early* accuracy (speed) and *final* accuracy off the same runs.
+One experiment, ``shallow_nets``: a one-hidden-layer MLP plain (``"plain"``), with BN
+(``"BN"``) and with standardised inputs but no BN (``"standardized input"``), on digits and
+MNIST-1D; and logistic regression plain and with BN on its inputs, on digits. The learning rate is
+tuned per arm, data set *and horizon* on the validation split with the tuning seeds: the
+choice for the early horizon uses only what the tuning runs showed up to that step
+(:func:`as_of`), never a divergence that happened later. The reported seeds then train at
+each horizon's choice.
 
-For logistic regression "with BN" means a batch norm on the input features followed by
-the linear classifier (:class:`LogisticRegression` with ``input_norm=True``): in a model
-with no hidden layer that is the only place a BN can go, and it is the learned,
-batch-estimated version of standardising the inputs.
+For logistic regression "with BN" means a batch norm on the input features followed by the
+linear classifier (:class:`LogRegSpec` with ``norm="batch"``): with no hidden layer that is the
+only place a BN can go, the learned, batch-estimated version of standardising the inputs.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import pandas as pd
+import torch
 from torch import Tensor, nn
 
-from .. import data as datasets
-from ..models import mlp
+from .. import analysis
+from ..config import override
+from ..models import CNNSpec, MLPSpec
 from ..nn import BatchNorm1d
-from ..train import seeded, train
-from . import Config, register, sweep
-from ._common import at_best_lr, final_rows
+from ..protocol import Protocol, Tuning, rows, runs
+from ..train import TrainSpec
+from . import register
 
-__all__ = ["LogisticRegression", "ShallowConfig", "shallow_nets", "fit_shallow", "table_at",
-           "final_by_lr", "plot_shallow", "SHALLOW_ARMS"]
+__all__ = ["LogisticRegression", "LogRegSpec", "ShallowConfig", "shallow_nets", "as_of",
+           "choices", "reported", "plot_shallow", "rows"]
 
 
 class LogisticRegression(nn.Module):
     """Multinomial logistic regression ``x ↦ W x + b``, optionally after a batch norm on the
-    input features (``input_norm=True``: ``x ↦ W BN(x) + b``). The weights keep PyTorch's
-    default ``nn.Linear`` initialisation."""
+    input features (``input_norm=True``: ``x ↦ W BN(x) + b``); PyTorch's default init."""
 
     def __init__(self, in_features: int, num_classes: int, *, input_norm: bool = False) -> None:
         super().__init__()
@@ -46,117 +48,130 @@ class LogisticRegression(nn.Module):
         return self.head(self.norm(x))
 
 
-@functools.lru_cache(maxsize=8)
-def _load(name: str, preprocessing: str) -> datasets.Dataset:
-    """Each (dataset, preprocessing) once per process: every run of a sweep shares it."""
-    return datasets.load(name, preprocessing=preprocessing)
+@dataclass(frozen=True)
+class LogRegSpec:
+    """Logistic regression as a model spec (``norm="batch"``: BN on the input features)."""
+
+    kind: ClassVar[str] = "logreg"
+    norm: str = "none"
+
+    def inputs(self, data):
+        """The data as the model reads it (flat vectors)."""
+        return data
+
+    def build(self, seed: int, data) -> LogisticRegression:
+        """The model for ``data``, initialised right after ``torch.manual_seed(seed)``."""
+        if self.norm not in ("none", "batch"):
+            raise ValueError(f"LogRegSpec.norm must be 'none' or 'batch', got {self.norm!r}")
+        torch.manual_seed(seed)
+        return LogisticRegression(data.num_features, data.num_classes, input_norm=self.norm == "batch")
 
 
-# arm name -> (model kind, batch norm?, input preprocessing)
-SHALLOW_ARMS: dict[str, dict] = {
-    "logreg": dict(kind="logreg", norm=False, preprocessing="scaled"),
-    "logreg, standardized": dict(kind="logreg", norm=False, preprocessing="standardized"),
-    "logreg + input BN": dict(kind="logreg", norm=True, preprocessing="scaled"),
-    "1 hidden": dict(kind="mlp", norm=False, preprocessing="scaled"),
-    "1 hidden, standardized": dict(kind="mlp", norm=False, preprocessing="standardized"),
-    "1 hidden + BN": dict(kind="mlp", norm=True, preprocessing="scaled"),
-}
-
-
-def fit_shallow(*, seed: int, dataset: str, kind: str, norm: bool, preprocessing: str, lr: float,
-                steps: int, width: int = 128, batch_size: int = 64, momentum: float = 0.9,
-                eval_every: int = 25, device: str = "auto") -> pd.DataFrame:
-    """Train one shallow model (``kind`` ``"logreg"`` or ``"mlp"`` with one hidden layer)."""
-    if kind not in ("logreg", "mlp"):
-        raise ValueError(f"kind must be 'logreg' or 'mlp', got {kind!r}")
-    ds = _load(dataset, preprocessing)
-    if ds.num_classes is None:
-        raise ValueError(f"{dataset} is a regression set; shallow_nets needs a classification set")
-    if kind == "logreg":
-        build = lambda: LogisticRegression(ds.num_features, ds.num_classes, input_norm=norm)  # noqa: E731
-    else:
-        build = lambda: mlp(ds.num_features, ds.num_classes, depth=1, width=width,  # noqa: E731
-                            norm="batch" if norm else "none")
-    net = seeded(seed, build)
-    return train(net, ds, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed,
-                 eval_every=eval_every, eval_splits=("val", "test"), device=device)
+def _arms() -> dict[str, dict[str, Any]]:
+    return {
+        "plain": {"model.norm": "none"},
+        "BN": {"model.norm": "batch"},
+        "standardized input": {"preprocessing": "standardized"},
+        "logreg": {"model": LogRegSpec()},
+        "logreg + input BN": {"model": LogRegSpec(norm="batch")},
+    }
 
 
 @dataclass(frozen=True)
-class ShallowConfig(Config):
-    """Logistic regression and a 1-hidden-layer MLP: plain, with BN, with standardised inputs."""
+class ShallowConfig(Protocol):
+    """One hidden layer and logistic regression: plain, with BN, with standardised inputs."""
 
-    datasets: tuple[str, ...] = ("digits",)
-    arms: tuple[str, ...] = tuple(SHALLOW_ARMS)
-    lrs: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)
-    steps: int = 300
-    early_step: int = 50
-    eval_every: int = 25
-    width: int = 128
-    batch_size: int = 64
-    momentum: float = 0.9
+    datasets: tuple[str, ...] = ("digits", "mnist1d")  # digits sits at its ceiling; MNIST-1D does not
+    logreg_on: tuple[str, ...] = ("digits",)  # logistic regression runs one by one: one data set
+    model: MLPSpec | CNNSpec | LogRegSpec = MLPSpec(depth=1, width=128)  # "shallow": one hidden layer
+    train: TrainSpec = TrainSpec(momentum=0.9, steps=300, batch_size=64, eval_every=25)  # a few hundred steps
+    arms: dict[str, dict[str, Any]] = field(default_factory=_arms)
+    tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0))  # wide enough that no choice is at an edge
+    early_step: int = 50  # "speed": accuracy after the first few epochs' worth of steps
+    margin: float = 0.01  # a test-accuracy difference under 1 point does not matter
 
     @classmethod
     def full(cls) -> "ShallowConfig":
-        return cls(datasets=("fashion_mnist", "mnist", "breast_cancer"), lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
-                   steps=5000, early_step=250, eval_every=250, width=512, seeds=(0, 1, 2, 3, 4))
+        return override(cls(), {"datasets": ("mnist1d", "fashion_mnist"), "model.width": 512,
+                                "train.steps": 5000, "train.eval_every": 250, "early_step": 250})
 
 
-def table_at(df: pd.DataFrame, step: int, by: Sequence[str] = ("dataset", "arm")) -> pd.DataFrame:
-    """Each run at ``step``, at the learning rate that is best *on validation at that step*
-    for its arm: columns ``by, lr, seed, accuracy_val, accuracy_test, loss_val, loss_test``."""
-    if step not in set(df["step"]):
-        raise ValueError(f"step {step} was not evaluated; evaluated steps: {sorted(set(df['step']))}")
-    by = [b for b in by if b in df]
-    upto = df[df["step"] <= step]
-    best = at_best_lr(upto, by=by)
-    last = final_rows(best, by + ["lr", "seed"])
-    wide = last[last["split"].isin(["val", "test"])].pivot_table(
-        index=by + ["lr", "seed"], columns="split", values=["accuracy", "loss"]).reset_index()
-    wide.columns = [f"{a}_{b}" if b else a for a, b in wide.columns]
-    return wide.assign(step=step)
-
-
-def final_by_lr(df: pd.DataFrame, split: str = "val", metric: str = "accuracy") -> pd.DataFrame:
-    """The final ``metric`` on ``split`` of every run, one row per (dataset, arm, lr, seed), with
-    ``family`` (``"logreg"`` or ``"1 hidden"``) and ``diverged``: the learning-rate sweep view."""
-    keys = [k for k in ("dataset", "arm", "lr", "seed") if k in df]
-    last = final_rows(df, keys)
-    last = last[last["split"] == split][keys + [metric]]
-    runs = df.groupby(keys, sort=False)["diverged"].any().reset_index()
-    out = runs.merge(last, on=keys, how="left")
-    out["family"] = out["arm"].map(lambda a: "logreg" if a.startswith("logreg") else "1 hidden")
+def as_of(df: pd.DataFrame, step: int) -> pd.DataFrame:
+    """The runs as they stood at ``step``: rows up to ``step``, and ``diverged`` only for a run
+    that had diverged by then (its last evaluation came before ``step``). A choice made at
+    ``step`` from this table uses no information from later in training."""
+    keys = [c for c in df.columns if c not in analysis.HISTORY_COLUMNS]
+    last = df.groupby(keys, sort=False)["step"].transform("max")
+    out = df[df["step"] <= step].copy()
+    out["diverged"] = (df["diverged"].astype(bool) & (last < step)).loc[out.index]
     return out
 
 
+def choices(tuning: pd.DataFrame, cfg: ShallowConfig) -> pd.DataFrame:
+    """Each (data set, arm, horizon)'s learning rate, chosen on validation with the tuning seeds
+    from the tuning runs as they stood at that horizon: columns ``data, arm, horizon, lr``."""
+    out = []
+    for horizon in (cfg.early_step, cfg.train.steps):
+        pick = analysis.tune(as_of(tuning, horizon), "lr", by=("data", "arm"), seeds=cfg.tuning.seeds,
+                             report_seeds=cfg.seeds, allow_edge=cfg.tuning.allow_edge)
+        out.append(pick[["data", "arm", "lr", "at_edge"]].assign(horizon=horizon))
+    return pd.concat(out, ignore_index=True)
+
+
+def reported(df: pd.DataFrame, cfg: ShallowConfig, horizon: int) -> pd.DataFrame:
+    """One row per (data set, arm, reported seed) at ``horizon``, each run at its arm's choice
+    for that horizon: ``data, arm, seed, lr, accuracy_val, accuracy_test``."""
+    pick = choices(rows(df, "tuning"), cfg)
+    pick = pick[pick["horizon"] == horizon]
+    hist = as_of(rows(df, "history"), horizon).merge(pick[["data", "arm", "lr"]])
+    out = []
+    for split in ("val", "test"):
+        f = analysis.final(hist, split=split, keys=["data", "arm", "seed", "lr"])
+        out.append(f.set_index(["data", "arm", "seed", "lr"])["accuracy"].rename(f"accuracy_{split}"))
+    return pd.concat(out, axis=1).reset_index()
+
+
 def plot_shallow(df: pd.DataFrame):
-    """Validation accuracy over steps at each arm's best final-validation LR."""
+    """Validation accuracy over steps, reported seeds, each arm at its final-horizon choice."""
     import matplotlib.pyplot as plt
-    from ..plots import learning_curves
-    best = at_best_lr(df, by=[b for b in ("dataset", "arm") if b in df])
-    ax = plt.gca()
-    learning_curves(best[best["step"] > 0], split="val", ax=ax)
-    ax.set_ylabel("val accuracy (best LR per arm)")
-    return ax
+    from ..plots import draw_curves
+    cfg = df.attrs.get("config") or ShallowConfig()
+    pick = choices(rows(df, "tuning"), cfg)
+    hist = rows(df, "history").merge(pick[pick["horizon"] == cfg.train.steps][["data", "arm", "lr"]])
+    names = list(dict.fromkeys(hist["data"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), constrained_layout=True,
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        draw_curves(hist[(hist["data"] == name) & (hist["step"] > 0)], split="val", ax=ax, title=name)
+        ax.axvline(cfg.early_step, color="k", lw=0.8, ls=":")
+        ax.set_ylabel("val accuracy")
+    return fig
 
 
 @register("shallow_nets", ShallowConfig, title="Shallow nets: BN vs standardised inputs",
           chapter="14_shallow", plot=plot_shallow)
 def shallow_nets(cfg: ShallowConfig) -> pd.DataFrame:
-    """Evaluation history (every ``eval_every`` steps, splits ``val``/``test``) of every arm ×
-    learning rate × seed × dataset; columns as :func:`bnlib.train.train` plus ``arm, lr, seed,
-    dataset``."""
-    unknown = [a for a in cfg.arms if a not in SHALLOW_ARMS]
+    """Tuning runs (``kind="tuning"``: every arm × grid × tuning seed) and reported runs
+    (``kind="history"``: the reported seeds at each horizon's choice), evaluated every
+    ``train.eval_every`` steps on val and test; columns of :func:`bnlib.protocol.runs` plus
+    ``data`` and ``lr``."""
+    unknown = [a for a in cfg.arms if a not in _arms()]
     if unknown:
-        raise ValueError(f"unknown arms {unknown}; choose from {list(SHALLOW_ARMS)}")
-    if cfg.early_step % cfg.eval_every or cfg.steps % cfg.eval_every or cfg.early_step >= cfg.steps:
-        raise ValueError("early_step and steps must be multiples of eval_every, with early_step < steps")
-    frames = []
+        raise ValueError(f"unknown arms {unknown}; choose from {list(_arms())}")
+    ev = cfg.train.eval_every
+    if cfg.early_step % ev or cfg.train.steps % ev or not 0 < cfg.early_step < cfg.train.steps:
+        raise ValueError("early_step and train.steps must be multiples of train.eval_every, "
+                         "with 0 < early_step < train.steps")
+    tuning = []
     for name in cfg.datasets:
-        df = sweep(fit_shallow, arms={a: SHALLOW_ARMS[a] for a in cfg.arms}, grid={"lr": cfg.lrs},
-                   seeds=cfg.seeds, common=dict(dataset=name, steps=cfg.steps, width=cfg.width,
-                                                batch_size=cfg.batch_size, momentum=cfg.momentum,
-                                                eval_every=cfg.eval_every, device=cfg.device),
-                   desc=name)
-        frames.append(df.assign(dataset=name))
+        dcfg = override(cfg, {"data": name})
+        arms = [a for a in cfg.arms if not a.startswith("logreg") or name in cfg.logreg_on]
+        tuning.append(runs(dcfg, seeds=cfg.tuning.seeds, grid={"train.lr": cfg.tuning.grid},
+                           arms=arms).assign(data=name, kind="tuning"))
+    tuning = pd.concat(tuning, ignore_index=True)
+    pick = choices(tuning, cfg)
+    frames = [tuning]
+    for (name, arm), lrs in pick.groupby(["data", "arm"], sort=False)["lr"]:
+        frames.append(runs(override(cfg, {"data": name}), grid={"train.lr": tuple(sorted(set(lrs)))},
+                           arms=[arm]).assign(data=name))
     return pd.concat(frames, ignore_index=True)
