@@ -27,7 +27,7 @@ from bnlib import distributed as D
 from bnlib import nn as bnn
 from bnlib.data import Dataset, Split
 from bnlib.distributed import SyncBatchNorm, launch, merge_moments, shard
-from bnlib.experiments.generalization import use_ghost_batchnorm
+from bnlib.nn import use_ghost_batchnorm
 from bnlib.models import mlp
 from bnlib.train import batches, seeded, train
 

@@ -12,7 +12,7 @@ from bnlib import experiments
 from bnlib.experiments.devices import (DevicesConfig, PerDeviceBatchNorm1d, across_devices,
                                        equivalence, fit_devices, paired, per_device,
                                        real_runs_match, sync_cost)
-from bnlib.experiments.generalization import GhostBatchNorm1d
+from bnlib.nn import GhostBatchNorm1d
 from bnlib.models import mlp
 from bnlib.nn import BatchNorm1d
 

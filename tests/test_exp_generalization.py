@@ -8,10 +8,10 @@ from torch import nn
 
 from bnlib import experiments
 from bnlib.config import override
-from bnlib.experiments.generalization import (ControlsConfig, GeneralizationConfig, GhostBatchNorm1d,
+from bnlib.nn import GhostBatchNorm1d, use_ghost_batchnorm
+from bnlib.experiments.generalization import (ControlsConfig, GeneralizationConfig,
                                               GhostMLPSpec, final_wide, generalization,
-                                              generalization_controls, matched_gap,
-                                              use_ghost_batchnorm)
+                                              generalization_controls, matched_gap)
 from bnlib.models import MLPSpec, mlp
 from bnlib.nn import BatchNorm1d
 

@@ -38,7 +38,7 @@ from ..models import mlp
 from ..nn import BatchNorm1d, BatchNorm2d
 from ..train import seeded, train
 from . import Config, register, sweep
-from .generalization import use_ghost_batchnorm
+from ..nn import use_ghost_batchnorm
 
 __all__ = ["PerDeviceBatchNorm1d", "per_device", "DevicesConfig", "fit_devices", "across_devices", "equivalence", "paired",
            "real_runs_match", "sync_cost", "plot_devices"]
@@ -293,8 +293,8 @@ def real_runs_match(batch_size: int = 32, steps: int = 30, width: int = 32, n_tr
     single = {}
     for name in ("full-batch BN", "ghost BN", "per-device BN (1 process)"):
         net = seeded(0, _builder(ds, width))
-        if name == "ghost BN":  # .double(): use_ghost_batchnorm keeps the device, not the dtype
-            use_ghost_batchnorm(net, virtual_batch_size=batch_size // world).double()
+        if name == "ghost BN":
+            use_ghost_batchnorm(net, virtual_batch_size=batch_size // world)
         elif name.startswith("per-device"):
             per_device(net, world)
         train(net, ds, seed=0, device="cpu", **_real_kwargs(batch_size, steps))

@@ -28,93 +28,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import analysis
-from .. import functional as BF
 from ..config import override
 from ..models import CNNSpec, MLPSpec, mlp
-from ..nn import BatchNorm1d
+from ..nn import BatchNorm1d, GhostBatchNorm1d, use_ghost_batchnorm
 from ..protocol import Protocol, Tuning, load_data, rows, runs, tuned
 from ..train import TrainSpec
 from . import register
 from ._common import at_best_lr, final_rows
 
-__all__ = ["GhostBatchNorm1d", "use_ghost_batchnorm", "GhostMLPSpec", "GeneralizationConfig",
+__all__ = ["GhostMLPSpec", "GeneralizationConfig",
            "generalization", "ControlsConfig", "generalization_controls", "final_wide",
            "matched_gap", "plot_generalization", "plot_controls", "rows"]
-
-
-# --- ghost batch norm ------------------------------------------------------------------
-
-class GhostBatchNorm1d(BatchNorm1d):
-    """Batch norm whose training-mode statistics come from *virtual* batches.
-
-    In training mode the incoming batch is cut into ``len(x) // virtual_batch_size``
-    consecutive chunks of (nearly) equal size, each at least ``virtual_batch_size``
-    examples, and every chunk is normalised with its own mean and variance by
-    :func:`bnlib.functional.batch_norm`; each chunk also updates the running statistics,
-    as in Hoffer et al. (2017). Smaller chunks give noisier statistics: the network sees
-    the same batch, but each example is normalised with noisier statistics, so its
-    activations, and hence the gradient, change. In evaluation mode it is an ordinary
-    batch norm with the running statistics. Parameters, buffers and ``state_dict`` are
-    those of :class:`bnlib.nn.BatchNorm1d`.
-    """
-
-    def __init__(self, num_features: int, virtual_batch_size: int = 8, **kwargs: Any) -> None:
-        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
-            raise ValueError(f"virtual_batch_size must be an int ≥ 2 (a batch norm needs two "
-                             f"examples), got {virtual_batch_size!r}")
-        super().__init__(num_features, **kwargs)
-        self.virtual_batch_size = virtual_batch_size
-
-    def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
-            return super().forward(input)
-        self._check_input_dim(input)
-        if len(input) < 2:
-            raise ValueError(f"ghost batch norm needs at least 2 examples in training mode, "
-                             f"got input size {tuple(input.shape)}")
-        chunks = input.tensor_split(max(len(input) // self.virtual_batch_size, 1))
-        outs = []
-        for chunk in chunks:
-            momentum = 0.0 if self.momentum is None else self.momentum
-            track = self.track_running_stats and self.running_mean is not None
-            if track:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    momentum = 1.0 / float(self.num_batches_tracked)
-            outs.append(BF.batch_norm(chunk, self.running_mean if track else None,
-                                      self.running_var if track else None, self.weight,
-                                      self.bias, True, momentum, self.eps))
-        return torch.cat(outs)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
-
-
-def use_ghost_batchnorm(model: nn.Module, virtual_batch_size: int = 8) -> nn.Module:
-    """Replace every :class:`bnlib.nn.BatchNorm1d` of ``model`` by a
-    :class:`GhostBatchNorm1d` with the same options and state, in place; returns ``model``."""
-    replaced = 0
-
-    def swap(parent: nn.Module) -> None:
-        nonlocal replaced
-        for name, child in parent.named_children():
-            if type(child) is BatchNorm1d:
-                ghost = GhostBatchNorm1d(child.num_features, virtual_batch_size, eps=child.eps,
-                                         momentum=child.momentum, affine=child.affine,
-                                         track_running_stats=child.track_running_stats,
-                                         bias=child.bias is not None or not child.affine)
-                ghost.load_state_dict(child.state_dict())
-                ghost.to(child.weight.device if child.weight is not None else "cpu")
-                ghost.train(child.training)
-                setattr(parent, name, ghost)
-                replaced += 1
-            else:
-                swap(child)
-
-    swap(model)
-    if not replaced:
-        raise ValueError("the model has no bnlib BatchNorm1d layer to turn into ghost batch norm")
-    return model
 
 
 @dataclass(frozen=True)
