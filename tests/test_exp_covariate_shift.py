@@ -140,3 +140,10 @@ def test_ics_gradient_tiny_run():
     assert set(summary.columns) >= {"min_cosine", "mean_rel_diff", "final_loss"} and len(summary) == 2
     with pytest.raises(ValueError, match="parts"):
         cs.ics_gradient(dataclasses.replace(cfg, parts=("vgg",)))
+
+
+def test_configs_declare_margin_and_eight_seeds():
+    cfg = cs.NoisyBNConfig()
+    assert len(cfg.seeds) >= 8 and 0 < cfg.margin < 0.1  # "no difference" needs a TOST on ≥ 8 seeds
+    assert len(cs.ICSConfig().seeds) >= 8
+    assert cs.NoisyBNConfig.full().margin == cfg.margin

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib.experiments import gradients as gr
+from bnlib.config import override
 from bnlib.models import mlp
 
 
@@ -59,8 +60,8 @@ def test_landscape_probe_rejects_bad_inputs():
 
 
 def test_landscape_tiny_run_has_all_three_records():
-    cfg = dataclasses.replace(gr.LandscapeConfig(), depth=2, width=8, steps=6, eval_every=3,
-                              probe_every=3, seeds=(0,))
+    cfg = override(gr.LandscapeConfig(), {"model.depth": 2, "model.width": 8, "train.steps": 6,
+                                          "train.eval_every": 3, "probe_every": 3, "seeds": (0,)})
     df = gr.landscape(cfg)
     assert set(df["record"]) == {"history", "probe", "gradnorm"}
     probes = df[df["record"] == "probe"]
@@ -88,7 +89,7 @@ def test_gradient_fluctuation_on_known_series():
 
 def test_growth_rates_recovers_a_geometric_profile():
     layers = np.arange(21)
-    df = pd.DataFrame({"arm": "BN", "seed": 0, "layer": layers, "grad_norm": 1.3 ** (20 - layers)})
+    df = pd.DataFrame({"arm": "BN", "seed": 0, "layer": layers, "rel_grad": 1.3 ** (20 - layers)})
     out = gr.growth_rates(df, first=2, last=15)
     assert out["rate"].iloc[0] == pytest.approx(1.3)
     assert out["ratio"].iloc[0] == pytest.approx(1.3 ** 19)
@@ -101,8 +102,16 @@ def test_grad_explosion_tiny_run():
                              arms=("plain", "BN"), seeds=(0,))
     df = gr.grad_explosion(cfg)
     assert len(df) == 2 * 13 and (df["grad_norm"] > 0).all()
+    assert np.allclose(df["rel_grad"], df["grad_norm"] / df["weight_norm"])
     rates = gr.growth_rates(df, first=2, last=9).set_index("arm")["rate"]
     assert rates["BN"] > rates["plain"]  # BN's gradients grow towards the input
     assert gr.RELU_BN_RATE == pytest.approx(math.sqrt(math.pi / (math.pi - 1)))
     with pytest.raises(ValueError, match="unknown arms"):
         gr.grad_explosion(dataclasses.replace(cfg, arms=("layer norm",)))
+
+
+def test_registered_landscape_smoke():
+    from bnlib import experiments
+    df = experiments.run("landscape", cache_results=False, seeds=(0,), train__steps=4,
+                         train__eval_every=2, probe_every=2, model__depth=2, model__width=8)
+    assert set(df["arm"]) == {"plain", "BN"} and df.attrs["config"].train.steps == 4

@@ -32,7 +32,7 @@ def test_rescaled_and_raw_digits():
 
 def test_trajectory_invariance():
     cfg = ScaleTrainConfig(depth=2, width=16, scales=(0.01, 1.0, 100.0), plain_lrs=(0.01,),
-                           steps=10, eval_every=10, seeds=(0,))
+                           steps=10, eval_every=10, seeds=(0,), tuning_seeds=(1000,))
     df = input_scale_train(cfg)
     assert set(df["arm"]) == {"BN", "BN, ε·c²", "plain"}
     # ε compensated: the same trajectory at every scale, to float rounding
@@ -60,3 +60,13 @@ def test_bad_config():
         input_scale_train(dataclasses.replace(ScaleTrainConfig(), scales=(-1.0,)))
     with pytest.raises(ValueError):
         input_scale_test(dataclasses.replace(ScaleTestConfig(), scales=()))
+
+
+def test_plain_rate_is_tuned_on_other_seeds():
+    cfg = ScaleTrainConfig(depth=1, width=8, scales=(1.0,), plain_lrs=(0.001, 0.1), steps=4,
+                           eval_every=4, seeds=(0,), tuning_seeds=(1000,))
+    df = input_scale_train(cfg)
+    tuning = df[df["kind"] == "tuning"]
+    assert set(tuning["seed"]) == {1000} and set(tuning["lr"]) == {0.001, 0.1}
+    reported = df[(df["kind"] == "history") & (df["arm"] == "plain")]
+    assert set(reported["seed"]) == {0} and reported["lr"].nunique() == 1

@@ -27,19 +27,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .. import data as datasets
-from ..models import mlp
-from ..probes import frozen_batchnorm_buffers, gradient_norms
-from ..train import StepInfo, resolve_device, seeded, train
+from ..config import override
+from ..models import MLPSpec, mlp
+from ..probes import frozen_batchnorm_buffers, gradient_norms, weight_norms
+from ..protocol import Protocol, runs
+from ..train import StepInfo, TrainSpec, resolve_device, seeded
 from . import Config, register, sweep
 
 __all__ = ["landscape_probe", "LandscapeProbe", "GradNormTracker", "gradient_fluctuation",
            "LandscapeConfig", "landscape", "ExplosionConfig", "grad_explosion", "growth_rates",
            "RELU_BN_RATE", "at_matched_loss", "plot_landscape", "plot_gradient_norms",
-           "plot_explosion", "PALETTE"]
+           "plot_explosion", "LABELS"]
 
-#: One colour per arm (plain and BN as in bnlib.plots).
-PALETTE = {"plain": "#7f7f7f", "BN": "#1f77b4", "BN + residual": "#2ca02c", "residual": "#d62728"}
+#: Readable axis labels for the measured columns.
+LABELS = {
+    "loss_range": "loss range along the step\n(max − min of L over the line)",
+    "grad_pred": "gradient drift along the step\nmax ‖∇L(θ′) − g‖",
+    "grad_pred_rel": "relative gradient drift\nmax ‖∇L(θ′) − g‖ / ‖g‖",
+    "beta_eff": "effective β-smoothness\nmax ‖∇L(θ′) − g‖ / ‖θ′ − θ‖",
+    "grad_norm": "gradient norm ‖g_t‖ (all parameters)",
+    "rel_grad": "relative gradient ‖∂L/∂W_l‖ / ‖W_l‖",
+}
 
 #: Yang et al. (2019): with BN before ReLU, ‖∂L/∂W‖ grows by √(π/(π−1)) per layer towards
 #: the input (the squared norm by π/(π−1)), in the limit of wide layers and large batches.
@@ -190,8 +198,9 @@ def plot_landscape(df: pd.DataFrame, metric: str, *, x: str = "step", ax=None, t
     import matplotlib.pyplot as plt
     import seaborn as sns
     ax = ax or plt.gca()
+    from .. import plots
     p = df[df["record"] == "probe"]
-    pal = {a: PALETTE[a] for a in p["arm"].unique()}
+    pal = {a: plots.color(a) for a in p["arm"].unique()}
     if x == "step":
         sns.lineplot(data=p, x="step", y=metric, hue="arm", errorbar=("pi", 100), ax=ax, palette=pal,
                      marker="o")
@@ -201,7 +210,11 @@ def plot_landscape(df: pd.DataFrame, metric: str, *, x: str = "step", ax=None, t
         ax.invert_xaxis()
         ax.set_xlabel("training loss at the probe (falls to the right)")
     ax.set_yscale("log")
-    ax.set_title(title if title is not None else metric)
+    ax.set_ylabel(LABELS.get(metric, metric) + " (log)")
+    if x == "step":
+        ax.set_xlabel("training step")
+    if title:
+        ax.set_title(title)
     return ax
 
 
@@ -212,98 +225,93 @@ def plot_gradient_norms(df: pd.DataFrame, ax=None):
     import seaborn as sns
     ax = ax or plt.gca()
     g = df[df["record"] == "gradnorm"]
+    from .. import plots
     sns.lineplot(data=g, x="step", y="grad_norm", hue="arm", errorbar=("pi", 100), ax=ax,
-                 palette={a: PALETTE[a] for a in g["arm"].unique()}, lw=1)
+                 palette={a: plots.color(a) for a in g["arm"].unique()}, lw=1)
     ax.set_yscale("log")
-    ax.set_ylabel("‖g_t‖ (all parameters)")
+    ax.set_ylabel(LABELS["grad_norm"] + " (log)")
+    ax.set_xlabel("training step")
     return ax
 
 
-@dataclass(frozen=True)
-class LandscapeConfig(Config):
-    """Quick preset: an 8 × 128 ReLU MLP (Kaiming init) on digits, plain vs BN at the same
-    SGD learning rate (no momentum, so "the step" is well defined), batch 128."""
-
-    data: str = "digits"
-    depth: int = 8
-    width: int = 128
-    activation: str = "relu"
-    lr: float = 0.05
-    batch_size: int = 128
-    steps: int = 200
-    eval_every: int = 50
-    probe_every: int = 25
-    multipliers: tuple[float, ...] = tuple(float(c) for c in np.linspace(0.5, 4, 8))
-
-    @classmethod
-    def full(cls) -> "LandscapeConfig":
-        return cls(data="fashion_mnist", width=512, steps=5000, eval_every=250, probe_every=100,
-                   seeds=(0, 1, 2, 3, 4))
-
-
-def _landscape_run(*, seed: int, cfg: LandscapeConfig, norm: str) -> pd.DataFrame:
-    ds = datasets.load(cfg.data)
-    net = seeded(seed, lambda: mlp(ds.num_features, ds.num_classes, depth=cfg.depth,
-                                   width=cfg.width, activation=cfg.activation, norm=norm))
-    probe = LandscapeProbe(cfg.lr, every=cfg.probe_every, multipliers=cfg.multipliers)
-    norms = GradNormTracker()
-    hist = train(net, ds, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
-                 device=resolve_device(cfg.device), eval_every=cfg.eval_every,
-                 eval_splits=("val",), callbacks=[probe, norms])
-    diverged = bool(hist["diverged"].any())
-    return pd.concat([hist.assign(record="history"),
-                      probe.frame().assign(record="probe", diverged=diverged),
-                      norms.frame().assign(record="gradnorm", diverged=diverged)],
-                     ignore_index=True)
-
-
-def _plot_landscape(df: pd.DataFrame):
+def _landscape_axes(df: pd.DataFrame):
     from .. import plots
     fig, axes = plots.new_axes(3, width=4.5)
-    for ax, (col, name) in zip(axes[0], [("loss_range", "loss range"),
-                                        ("grad_pred", "gradient predictiveness"),
-                                        ("beta_eff", "effective β-smoothness")]):
-        plot_landscape(df, col, ax=ax, title=name)
+    for ax, col in zip(axes[0], ("loss_range", "grad_pred_rel", "beta_eff")):
+        plot_landscape(df, col, ax=ax)
     return fig
 
 
-@register("landscape", LandscapeConfig, title="Loss-landscape smoothness along the gradient (Santurkar)",
-          chapter="09_gradients", plot=_plot_landscape)
-def landscape(cfg: LandscapeConfig) -> pd.DataFrame:
-    """Plain vs BN at the same learning rate, paired seeds.
+@dataclass(frozen=True)
+class LandscapeConfig(Protocol):
+    """Plain vs BN at the same SGD learning rate, paired seeds, probed along the gradient."""
 
-    One tidy frame, ``record`` says which kind of row: ``"history"`` (the training history
-    of :func:`bnlib.train.train`), ``"probe"`` (:func:`landscape_probe` every
-    ``probe_every`` steps: ``step, loss, grad_norm, loss_range, grad_pred, grad_pred_rel,
-    beta_eff``) and ``"gradnorm"`` (``step, grad_norm, loss`` at every step).
+    data: str = "digits"                     # small and fast; the effect shows on it
+    model: MLPSpec = MLPSpec(depth=6, width=64, activation="relu")  # deep enough that plain trains roughly; small for 8 seeds
+    train: TrainSpec = TrainSpec(lr=0.05, batch_size=128, steps=150, eval_every=50,
+                                 eval_splits=("val",))  # no momentum: "the step" is exactly -lr*g
+    probe_every: int = 25                    # 7 probes per run (steps 1, 25, ..., 150)
+    multipliers: tuple[float, ...] = tuple(float(c) for c in np.linspace(0.5, 4, 8))  # Santurkar's range
+    band: tuple[float, float] = (0.05, 0.5)  # training-loss band where both arms are compared
+    fluct_margin: float = math.log(1.5)      # |Δ log jump| below which fluctuation "does not differ" (1.5×)
+
+    @classmethod
+    def full(cls) -> "LandscapeConfig":
+        return override(cls(), {"data": "fashion_mnist", "model.width": 512, "train.steps": 5000,
+                                "train.eval_every": 250, "probe_every": 100})
+
+
+@register("landscape", LandscapeConfig, title="Loss-landscape smoothness along the gradient (Santurkar)",
+          chapter="09_gradients", plot=_landscape_axes)
+def landscape(cfg: LandscapeConfig) -> pd.DataFrame:
+    """Plain vs BN through :func:`bnlib.protocol.runs` with two probes per run.
+
+    ``record`` says which kind of row: ``"history"`` (the training history), ``"probe"``
+    (:func:`landscape_probe` every ``probe_every`` steps: ``step, loss, grad_norm,
+    loss_range, grad_pred, grad_pred_rel, beta_eff``) and ``"gradnorm"`` (``step,
+    grad_norm, loss`` at every step).
     """
-    arms = {"plain": {"norm": "none"}, "BN": {"norm": "batch"}}
-    return sweep(_landscape_run, seeds=cfg.seeds, arms=arms, common={"cfg": cfg}, desc="landscape")
+    made: list[tuple[LandscapeProbe, GradNormTracker]] = []
+
+    def probes():
+        made.append((LandscapeProbe(cfg.train.lr, every=cfg.probe_every, multipliers=cfg.multipliers),
+                     GradNormTracker()))
+        return made[-1]
+
+    hist = runs(cfg, callbacks=probes)
+    keys = hist[["arm", "seed"]].drop_duplicates().itertuples(index=False)
+    frames = [hist.assign(record="history")]
+    for (arm, seed), (probe, norms) in zip(keys, made):
+        div = bool(hist[(hist["arm"] == arm) & (hist["seed"] == seed)]["diverged"].any())
+        frames += [probe.frame().assign(record="probe", arm=arm, seed=seed, diverged=div),
+                   norms.frame().assign(record="gradnorm", arm=arm, seed=seed, diverged=div)]
+    return pd.concat(frames, ignore_index=True)
 
 
 # --- gradients at initialisation ----------------------------------------------------------
 
 @dataclass(frozen=True)
 class ExplosionConfig(Config):
-    """Quick preset: 50-layer width-256 MLPs at initialisation (Kaiming), one batch of 128
-    Gaussian inputs with random labels; plain, BN before the activation, BN + residual."""
+    """Deep MLPs at initialisation (Kaiming), one batch of Gaussian inputs with random labels."""
 
-    depths: tuple[int, ...] = (50,)
-    widths: tuple[int, ...] = (256,)
-    batch_sizes: tuple[int, ...] = (128,)
-    activations: tuple[str, ...] = ("relu", "tanh")
+    depths: tuple[int, ...] = (50,)          # deep enough for a per-layer rate to compound
+    widths: tuple[int, ...] = (128,)         # finite width (the theory's limit is infinite); 128 already matches
+    batch_sizes: tuple[int, ...] = (128,)    # finite batch, likewise
+    activations: tuple[str, ...] = ("relu", "tanh")  # the theory's case, and a saturating one
     num_classes: int = 10
-    arms: tuple[str, ...] = ("plain", "BN", "BN + residual")
+    arms: tuple[str, ...] = ("plain", "BN", "residual + BN")
+    seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds (init and batch)
+    rate_tolerance: float = 0.02             # how close to the mean-field rate counts as "matches"
 
     @classmethod
     def full(cls) -> "ExplosionConfig":
-        return cls(depths=(10, 25, 50, 100), widths=(128, 1024), batch_sizes=(8, 32, 128, 512),
-                   seeds=(0, 1, 2, 3, 4))
+        return override(cls(), {"depths": (10, 25, 50, 100), "widths": (128, 1024),
+                                "batch_sizes": (8, 32, 128, 512)})
 
 
 _EXPLOSION_ARMS = {"plain": {"norm": "none", "residual": False},
                    "BN": {"norm": "batch", "residual": False},
-                   "BN + residual": {"norm": "batch", "residual": True},
+                   "residual + BN": {"norm": "batch", "residual": True},
                    "residual": {"norm": "none", "residual": True}}
 
 
@@ -315,16 +323,18 @@ def _explosion_run(*, seed: int, cfg: ExplosionConfig, norm: str, residual: bool
     y = torch.randint(0, cfg.num_classes, (batch_size,), generator=gen).to(dev)
     net = seeded(seed, lambda: mlp(width, cfg.num_classes, depth=depth, width=width,
                                    activation=activation, norm=norm, residual=residual)).to(dev)
-    norms = gradient_norms(net, x, y)
-    return pd.DataFrame({"layer": np.arange(len(norms)), "grad_norm": norms})
+    g, w = gradient_norms(net, x, y), weight_norms(net)
+    return pd.DataFrame({"layer": np.arange(len(g)), "grad_norm": g, "weight_norm": w,
+                         "rel_grad": g / w})
 
 
-def growth_rates(df: pd.DataFrame, *, first: int | None = None, last: int | None = None) -> pd.DataFrame:
-    """Per network: the geometric factor by which ‖∂L/∂W_l‖ grows per layer towards the
-    input, exp(−slope) of a least-squares line through log‖∂L/∂W_l‖ over layers
-    ``first ≤ l ≤ last``. By default a tenth of the depth is left out at each end
-    (layers 5–45 of a 50-layer net). Also ``ratio``: ‖∂L/∂W‖ of the first layer over that
-    of the last hidden layer."""
+def growth_rates(df: pd.DataFrame, *, value: str = "rel_grad", first: int | None = None,
+                 last: int | None = None) -> pd.DataFrame:
+    """Per network: the geometric factor by which ``value`` (default the relative gradient
+    ‖∂L/∂W_l‖/‖W_l‖, which does not depend on how the weights are scaled) grows per layer
+    towards the input, exp(−slope) of a least-squares line through its log over layers
+    ``first ≤ l ≤ last``. By default a tenth of the depth is left out at each end (layers
+    5–45 of a 50-layer net). Also ``ratio``: first hidden layer's value over the last's."""
     keys = [k for k in ("arm", "activation", "depth", "width", "batch_size", "seed") if k in df]
 
     def one(run: pd.DataFrame) -> pd.Series:
@@ -336,24 +346,26 @@ def growth_rates(df: pd.DataFrame, *, first: int | None = None, last: int | None
         mid = run[(run["layer"] >= lo) & (run["layer"] <= hi)]
         if len(mid) < 2:
             raise ValueError(f"need at least 2 layers between {lo} and {hi} to fit a rate")
-        slope = np.polyfit(mid["layer"], np.log(mid["grad_norm"]), 1)[0]
-        g = run.set_index("layer")["grad_norm"]
+        slope = np.polyfit(mid["layer"], np.log(mid[value]), 1)[0]
+        g = run.set_index("layer")[value]
         return pd.Series({"rate": float(np.exp(-slope)), "ratio": float(g.iloc[0] / g.loc[depth - 1])})
 
-    return df.groupby(keys, sort=False)[["layer", "grad_norm"]].apply(one).reset_index()
+    return df.groupby(keys, sort=False)[["layer", value]].apply(one).reset_index()
 
 
-def plot_explosion(df: pd.DataFrame, activation: str, ax=None):
-    """Per-layer ‖∂L/∂W_l‖ at initialisation for one activation (mean over seeds, band =
-    min–max range), input layer on the left, log y."""
+def plot_explosion(df: pd.DataFrame, activation: str, ax=None, value: str = "rel_grad"):
+    """Per-layer relative gradient at initialisation for one activation (mean over seeds,
+    band = min–max range), input layer on the left, log y."""
     import matplotlib.pyplot as plt
     import seaborn as sns
+
+    from .. import plots
     ax = ax or plt.gca()
     d = df[df["activation"] == activation]
-    sns.lineplot(data=d, x="layer", y="grad_norm", hue="arm", errorbar=("pi", 100), ax=ax,
-                 palette={a: PALETTE[a] for a in d["arm"].unique()})
+    sns.lineplot(data=d, x="layer", y=value, hue="arm", errorbar=("pi", 100), ax=ax,
+                 palette={a: plots.color(a) for a in d["arm"].unique()})
     ax.set_yscale("log")
-    ax.set_ylabel("‖∂L/∂W_l‖")
+    ax.set_ylabel(LABELS.get(value, value) + " (log)")
     ax.set_xlabel("layer l (0 = input side)")
     ax.set_title(f"{activation}, at initialisation")
     return ax
@@ -368,10 +380,10 @@ def _plot_explosion(df: pd.DataFrame):
 @register("grad_explosion", ExplosionConfig, title="Gradients at initialisation in deep BN networks (Yang 2019)",
           chapter="09_gradients", plot=_plot_explosion)
 def grad_explosion(cfg: ExplosionConfig) -> pd.DataFrame:
-    """Per-layer ‖∂L/∂W_l‖ at initialisation (input layer = 0, the head last).
+    """Per-layer ‖∂L/∂W_l‖, ‖W_l‖ and their ratio at initialisation (input layer = 0, head last).
 
-    Rows: ``arm, activation, depth, width, batch_size, seed, layer, grad_norm``; the seed
-    fixes the network's initialisation and the Gaussian batch with its random labels.
+    Rows: ``arm, activation, depth, width, batch_size, seed, layer, grad_norm, weight_norm,
+    rel_grad``; the seed fixes the network's initialisation and the Gaussian batch.
     """
     unknown = set(cfg.arms) - set(_EXPLOSION_ARMS)
     if unknown:
