@@ -34,6 +34,9 @@ ARMS: dict[str, str] = {
     "residual + BN": "#012f55",  # residual connections and batch norm
     "dropout": "#a3573a",        # dropout, no normaliser
     "BN + dropout": "#6a3d9a",   # batch norm and dropout
+    "plain + noise": "#e69f00",  # no normaliser, with the noise that noisy BN injects
+    "dropout before BN": "#8c564b",   # dropout feeding a batch norm (the variance shift)
+    "dropout after last BN": "#c49c94",
     "folded": "#ff7f0e",         # BN folded into the preceding layer
     "standardized input": "#b15928",
 }
