@@ -1,16 +1,23 @@
 """Mechanics of chapter 17's experiment (tiny config) and the calibration helpers."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 
-from bnlib.experiments.input_output import (ARMS, IOConfig, best_runs, build_model,
-                                            expected_calibration_error, extreme_inputs,
-                                            input_gains, input_output, reliability, summary,
-                                            train_one)
+from bnlib import data as datasets
+from bnlib.config import override
+from bnlib.experiments.input_output import (ARMS, IOConfig, IOSpec, expected_calibration_error,
+                                            extreme_inputs, final_table, input_gains,
+                                            input_output, reliability, train_one)
+from bnlib.models import MLPSpec
+
+DIGITS = datasets.load("digits", preprocessing="raw")
+
+
+def build_model(arm, width=16, norm_impl="torch"):
+    return IOSpec(net=MLPSpec(depth=2, width=width, norm="batch", norm_impl=norm_impl),
+                  extra=arm).build(0, DIGITS)
 
 
 def test_ece_known_values():
@@ -31,38 +38,38 @@ def test_ece_known_values():
 def test_build_model_arms():
     x = torch.randn(8, 64)
     for arm in ARMS:
-        net = build_model(arm, 64, 10, width=16)
+        net = build_model(arm)
         assert net(x).shape == (8, 10)
-    assert isinstance(build_model("input BN", 64, 10)[0], nn.Module)
-    assert build_model("output BN (no affine)", 64, 10)[1].weight is None
-    assert build_model("output BN (affine)", 64, 10)[1].weight is not None
+    assert isinstance(build_model("input BN")[0], nn.Module)
+    assert build_model("output BN (no affine)")[1].weight is None
+    assert build_model("output BN (affine)")[1].weight is not None
     with pytest.raises(ValueError):
-        build_model("hidden BN", 64, 10)
+        build_model("hidden BN")
 
 
 def test_input_gain_of_a_constant_feature_is_one_over_sqrt_eps():
-    net = build_model("input BN", 4, 2, width=8, norm_impl="bnlib")
+    net = build_model("input BN", width=8, norm_impl="bnlib")
     bn = net[0]
     with torch.no_grad():
-        bn.running_var.copy_(torch.tensor([0.0, 1.0, 4.0, 1e-2]))
-    g = input_gains(net, torch.zeros(3, 4))
+        bn.running_var.copy_(torch.linspace(0, 4, 64))
+    g = input_gains(net, torch.zeros(3, 64))
     assert g["gain"].iloc[0] == pytest.approx(bn.eps ** -0.5, rel=1e-4)
-    assert g["gain"].iloc[2] == pytest.approx(0.5, rel=1e-4)
+    assert g["gain"].iloc[-1] == pytest.approx(0.5, rel=1e-4)
     with pytest.raises(ValueError):
-        input_gains(build_model("no extra BN", 4, 2))
+        input_gains(build_model("no extra BN"))
 
 
 def test_input_output_tiny():
-    cfg = dataclasses.replace(IOConfig(), seeds=(0,), lrs=(0.05, 0.1), steps=5, width=16)
+    cfg = override(IOConfig(), {"seeds": (0, 1), "train.steps": 5, "train.eval_every": 5,
+                                "model.net.width": 16, "tuning.seeds": (1000,),
+                                "tuning.grid": (0.05, 0.1, 0.2), "tuning.allow_edge": True})
     df = input_output(cfg)
-    s = summary(df)
-    assert len(s) == len(ARMS) * 2
-    assert s["ece"].between(0, 1).all()
-    assert s[s["arm"] == "input BN"]["max_gain"].notna().all()
-    b = best_runs(df)
-    assert sorted(b["arm"]) == sorted(ARMS)
+    f = df[df["kind"] == "final"]
+    assert len(f) == len(ARMS) * 2 and f["ece"].between(0, 1).all()
+    assert f[f["arm"] == "input BN"]["max_gain"].notna().all()
+    assert list(final_table(df, "ece").columns) == list(ARMS)
     net, data, hist = train_one(cfg, "input BN", 0.1, 0)
     info = extreme_inputs(net, data.test)
     assert 0 <= info["extreme_frac"] <= 1
     with pytest.raises(ValueError):
-        input_output(dataclasses.replace(cfg, arms=("middle BN",)))
+        input_output(override(cfg, {"arms": {"middle BN": {}}}))

@@ -1,16 +1,13 @@
 """Mechanics of chapter 16's experiments (tiny configs; the notebook runs the real ones)."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from bnlib import data as datasets
-from bnlib.experiments import get
-from bnlib.experiments.when_it_hurts import (NonIIDConfig, SmallBatchConfig, best_runs,
-                                             class_sorted_batches, evaluate_in_batches,
-                                             non_iid_batches, pooled_values, run_table,
+from bnlib.config import override
+from bnlib.experiments.when_it_hurts import (NonIIDConfig, SmallBatchConfig, class_sorted_batches,
+                                             final_table, non_iid_batches, pooled_values,
                                              small_batches, two_sample_normalisation)
 from bnlib.models import mlp
 from bnlib.train import train
@@ -59,42 +56,26 @@ def test_train_accepts_the_sampler_and_is_reproducible():
     assert runs[0]["loss"].tolist() == runs[1]["loss"].tolist()
 
 
-def test_evaluate_in_batches():
-    ds = datasets.load("digits")
-    torch.manual_seed(0)
-    net = mlp(64, 10, depth=1, width=16, norm="batch").eval()
-    for sort in (False, True):
-        acc = evaluate_in_batches(net, ds.test, batch_size=32, sort_by_class=sort)
-        assert 0.0 <= acc <= 1.0
-    assert not net.training
-    assert net.blocks[0].norm.running_mean is not None   # buffers restored
-    with pytest.raises(ValueError):
-        evaluate_in_batches(net, ds.test, batch_size=1, sort_by_class=False)
-
-
 def test_small_batches_tiny():
-    cfg = dataclasses.replace(SmallBatchConfig(), seeds=(0,), arms=("batch", "layer"),
-                              batch_sizes=(2, 16), lr_factors=(1.0,), steps=4, width=16,
-                              depth=1, precise_samples=64)
+    cfg = override(SmallBatchConfig(), {"seeds": (0, 1), "train.steps": 4, "model.width": 8,
+                                        "tuning.seeds": (1000,), "tuning.allow_edge": True,
+                                        "batch_sizes": (2, 16)})
     df = small_batches(cfg)
-    t = run_table(df)
-    assert set(t["eval"]) == {"running", "precise", "batch stats"}
-    assert set(t[t["arm"] == "layer"]["eval"]) == {"running"}
-    b = best_runs(df)
-    assert len(b[b["eval"] == "running"]) == 4               # 2 arms × 2 batch sizes
-    assert get("small_batches").chapter == "16_when_it_hurts"
+    f = df[df["kind"] == "final"]
+    assert set(f["eval"]) == {"running", "precise", "batch stats"}
+    assert set(f[f["arm"] == "LN"]["eval"]) == {"running"}      # extra evaluations for BN only
+    ch = df[df["kind"] == "choice"]
+    assert len(ch) == 4 and set(ch["batch_size"]) == {2, 16}
+    assert final_table(df).shape == (2, 4)
     with pytest.raises(ValueError):
-        small_batches(dataclasses.replace(cfg, arms=("weird",)))
-    with pytest.raises(ValueError):
-        small_batches(dataclasses.replace(cfg, batch_sizes=(1,)))
+        small_batches(override(cfg, {"batch_sizes": (1,)}))
 
 
 def test_non_iid_tiny():
-    cfg = dataclasses.replace(NonIIDConfig(), seeds=(0,), arms=("batch", "none"), steps=4,
-                              width=16, depth=1, precise_samples=64)
+    cfg = override(NonIIDConfig(), {"seeds": (0,), "train.steps": 4, "model.width": 8,
+                                    "tuning.seeds": (1000,), "tuning.allow_edge": True})
     df = non_iid_batches(cfg)
-    t = run_table(df, keys=("arm", "sampler", "seed"))
-    assert set(t["sampler"]) == {"shuffled", "class-sorted"}
-    assert {"running", "precise", "batch stats", "batch stats, class-sorted"} <= set(t["eval"])
-    with pytest.raises(ValueError):
-        non_iid_batches(dataclasses.replace(cfg, samplers=("sorted",)))
+    f = df[df["kind"] == "final"]
+    assert set(f["sampler"]) == {"shuffled", "class-sorted"}
+    assert "batch stats, class-sorted" in set(f["eval"])
+    assert final_table(df).shape == (1, 4)

@@ -1,43 +1,47 @@
 """Chapter 18 (FAQ): the small measurements the FAQ page makes itself.
 
-``bn_hyperparameters`` (F6, the "extra hyperparameters" half)
-    A BN MLP trained briefly with every combination of BN momentum ∈ {0.01, 0.1, 0.5}
-    and ε ∈ {1e-5, 1e-3, 1e-1}; evaluated in eval mode with the running statistics the
-    momentum produced, and with precise statistics (recomputed with the final weights),
-    which separates "the momentum changed the weights" from "the momentum left the
-    running statistics behind the weights".
-
 ``bn_at_a_glance`` (F5, F9)
-    Plain vs BN MLP at three learning rates a decade apart, paired seeds: which rates
-    train, how fast each arm reaches a validation target at its best rate, and its test
-    accuracy there. A one-screen recap of chapters 4, 5 and 7, not a replacement for them.
+    Plain vs BN MLP on the protocol: each arm's learning rate tuned on validation with the
+    tuning seeds, then 8 paired reported seeds at each arm's choice. The tuning sweep says
+    at which rates each arm trains; the reported runs give the time to a validation target
+    (censored, never inf) and the final test accuracy (a TOST with a declared margin).
+
+``bn_hyperparameters`` (F6, the "extra hyperparameters" half)
+    BN momentum × ε. Momentum never changes training (in training mode BN normalises with
+    batch statistics and only *writes* the running averages), so one run per ε and seed
+    trains the network while :class:`RunningStatsProbe` keeps, for every momentum, the running
+    averages a BN with that momentum would have kept. Each momentum × ε is then evaluated with
+    its own statistics and with precise statistics, and compared with PyTorch's default
+    (momentum 0.1, ε 1e-5) by a paired TOST over the reported seeds.
 
 :func:`momentum_conventions` shows numerically that PyTorch's ``momentum`` weighs the new
 batch and Keras' the old running value, so Keras' default 0.99 is PyTorch's 0.01.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .. import data as datasets
+from .. import analysis
 from .. import nn as bnn
-from ..inference import recompute_batchnorm_stats
-from ..models import mlp
-from ..stats import steps_to_target
-from ..train import evaluate, seeded, train
-from . import Config, register, sweep
-from ._common import tune_lr
+from ..config import override
+from ..inference import evaluate, recompute_batchnorm_stats
+from ..models import MLPSpec
+from ..probes import Probe
+from ..protocol import Protocol, Tuning, load_data, rows, runs, tuned
+from ..train import TrainSpec, fit
+from . import register
 
-__all__ = ["HyperConfig", "GlanceConfig", "bn_hyperparameters", "bn_at_a_glance",
-           "KERAS_DEFAULTS", "torch_defaults", "keras_update", "momentum_conventions",
-           "half_life", "hyper_table", "glance_table", "plot_hyper_heatmap", "plot_glance"]
+__all__ = ["GlanceConfig", "HyperConfig", "RunningStatsProbe", "bn_at_a_glance",
+           "bn_hyperparameters", "usable_rates", "hyper_comparisons", "KERAS_DEFAULTS",
+           "torch_defaults", "keras_update", "momentum_conventions", "half_life", "plot_glance",
+           "plot_hyper"]
 
 #: Keras ``BatchNormalization`` defaults (keras.io documentation): ``momentum`` is the
 #: weight of the *old* moving value, ``moving = moving·momentum + batch·(1 − momentum)``.
@@ -83,7 +87,7 @@ def momentum_conventions(steps: int = 50, *, batch_size: int = 16, seed: int = 0
     moving = {k: np.zeros(1) for k in keras}   # Keras' moving_mean also starts at 0
     for layer in layers.values():
         layer.train()
-    rows = []
+    out = []
     for t in range(1, steps + 1):
         x = torch.randn(batch_size, 1, generator=g) + 2.0 * t / steps
         row = {"step": t, "batch": float(x.mean())}
@@ -93,176 +97,210 @@ def momentum_conventions(steps: int = 50, *, batch_size: int = 16, seed: int = 0
         for name, m in keras.items():
             moving[name] = keras_update(moving[name], x.mean(0).double().numpy(), m)
             row[name] = float(moving[name][0])
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# --- F6: momentum × ε -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class HyperConfig(Config):
-    """BN momentum × ε on a 3×128 BN MLP, digits, batch 32, a short run (200 steps,
-    LR 0.1, plain SGD), 3 seeds; torch's BatchNorm1d (bnlib's arithmetic, faster on CPU)."""
-
-    data: str = "digits"
-    momenta: tuple[float, ...] = (0.01, 0.1, 0.5)
-    epsilons: tuple[float, ...] = (1e-5, 1e-3, 1e-1)
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 0.1
-    depth: int = 3
-    width: int = 128
-    norm_impl: str = "torch"
-
-    @classmethod
-    def full(cls) -> "HyperConfig":
-        return cls(data="fashion_mnist", width=256, steps=2000, batch_size=64,
-                   momenta=(0.001, 0.01, 0.1, 0.5, 0.9), epsilons=(1e-5, 1e-3, 1e-1, 1.0),
-                   seeds=(0, 1, 2, 3, 4))
-
-
-def _hyper_run(*, seed: int, data: datasets.Dataset, momentum: float, eps: float,
-               cfg: HyperConfig) -> pd.DataFrame:
-    def build():
-        net = mlp(data.num_features, data.num_classes, depth=cfg.depth, width=cfg.width,
-                  norm="batch", norm_impl=cfg.norm_impl)
-        for bn in bnn.batchnorm_layers(net):
-            bn.momentum, bn.eps = momentum, eps
-        return net
-
-    net = seeded(seed, build)
-    hist = train(net, data, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
-                 eval_every=cfg.steps, eval_splits=("val", "test"), device=cfg.device,
-                 show_progress=False)
-    last = hist[(hist["step"] == hist["step"].max()) & (hist["split"] == "test")]
-    row = {"diverged": bool(hist["diverged"].any()),
-           "val_acc": float(hist[(hist["step"] == hist["step"].max()) & (hist["split"] == "val")]["accuracy"].iloc[0])
-           if not hist["diverged"].any() else 0.0,
-           "test_acc": float(last["accuracy"].iloc[0]) if len(last) and not hist["diverged"].any() else 0.0}
-    if not row["diverged"]:
-        data = data.to(next(net.parameters()).device)   # train() moved the model (e.g. to CUDA)
-        recompute_batchnorm_stats(net, data.train.x)
-        row["precise_test_acc"] = evaluate(net, data.test)[1]
-    else:
-        row["precise_test_acc"] = 0.0
-    return pd.DataFrame([row])
-
-
-@register("bn_hyperparameters", HyperConfig, title="BN momentum × ε after a short run",
-          chapter="18_faq", plot=lambda df: plot_hyper_heatmap(df))
-def bn_hyperparameters(cfg: HyperConfig) -> pd.DataFrame:
-    """One row per momentum × ε × seed: ``val_acc``, ``test_acc`` (eval mode, running
-    statistics), ``precise_test_acc`` (eval mode, precise statistics), ``diverged``."""
-    for name, vals in (("momenta", cfg.momenta), ("epsilons", cfg.epsilons)):
-        if not vals:
-            raise ValueError(f"{name} must not be empty")
-    if any(not 0 < m <= 1 for m in cfg.momenta):
-        raise ValueError(f"momenta must be in (0, 1], got {cfg.momenta}")
-    if any(not e > 0 for e in cfg.epsilons):
-        raise ValueError(f"epsilons must be positive, got {cfg.epsilons}")
-    ds = datasets.load(cfg.data)
-    return sweep(_hyper_run, seeds=cfg.seeds, grid={"momentum": list(cfg.momenta), "eps": list(cfg.epsilons)},
-                 common=dict(data=ds, cfg=cfg), desc="bn_hyperparameters")
-
-
-def hyper_table(df: pd.DataFrame, value: str = "test_acc") -> pd.DataFrame:
-    """Mean of ``value`` over seeds as a momentum (rows) × ε (columns) table."""
-    if not {"momentum", "eps", value} <= set(df.columns):
-        raise ValueError(f"not a bn_hyperparameters result with column {value!r}")
-    return df.pivot_table(index="momentum", columns="eps", values=value, aggfunc="mean")
-
-
-def plot_hyper_heatmap(df: pd.DataFrame, value: str = "test_acc", ax=None, title: str | None = None):
-    """Heatmap of the mean ``value`` over seeds, annotated with mean and ± sd."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    ax = ax or plt.gca()
-    mean = hyper_table(df, value)
-    sd = df.pivot_table(index="momentum", columns="eps", values=value, aggfunc="std")
-    labels = mean.map(lambda v: f"{v:.3f}") + "\n± " + sd.map(lambda v: f"{v:.3f}")
-    sns.heatmap(mean, annot=labels, fmt="", cmap="viridis", vmin=float(np.nanmin(mean.values)) - 0.01,
-                vmax=1.0, cbar_kws={"label": value}, ax=ax)
-    ax.set_xticklabels([f"{e:g}" for e in mean.columns])
-    ax.set_xlabel("ε")
-    ax.set_ylabel("momentum (PyTorch convention)")
-    ax.set_title(title or value)
-    return ax
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 # --- F5, F9: plain vs BN at a glance -------------------------------------------------------
 
-@dataclass(frozen=True)
-class GlanceConfig(Config):
-    """Plain vs BN 4×128 MLP on digits, batch 32, LR ∈ {0.01, 0.1, 1.0} (plain SGD),
-    200 steps evaluated every 10, 3 seeds."""
+def _glance_arms() -> dict:
+    return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"}}
 
-    data: str = "digits"
-    lrs: tuple[float, ...] = (0.01, 0.1, 1.0)
-    steps: int = 200
-    eval_every: int = 10
-    batch_size: int = 32
-    depth: int = 4
-    width: int = 128
-    target: float = 0.9
-    norm_impl: str = "torch"
+
+@dataclass(frozen=True)
+class GlanceConfig(Protocol):
+    """Plain vs BN MLP on digits, each arm's learning rate tuned on validation."""
+
+    data: str = "digits"                               # ships with scikit-learn: no download
+    model: MLPSpec = MLPSpec(depth=4, width=64)        # deep enough for BN to matter, small enough for CPU
+    train: TrainSpec = TrainSpec(steps=150, batch_size=32, eval_every=10)  # a short run: speed shows early
+    arms: dict = field(default_factory=_glance_arms)
+    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum for TOST
+    tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0))  # a decade-and-a-half each side of 0.1
+    target: float = 0.9                                # validation accuracy both arms reach
+    margin: float = 0.02                               # smallest test-accuracy difference that matters
 
     @classmethod
     def full(cls) -> "GlanceConfig":
-        return cls(data="fashion_mnist", width=256, steps=3000, eval_every=50, target=0.85,
-                   lrs=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0), seeds=(0, 1, 2, 3, 4))
+        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+                                "train.eval_every": 50, "target": 0.85})
 
 
-def _glance_run(*, seed: int, data: datasets.Dataset, norm: str, lr: float, cfg: GlanceConfig) -> pd.DataFrame:
-    net = seeded(seed, lambda: mlp(data.num_features, data.num_classes, depth=cfg.depth,
-                                   width=cfg.width, norm=norm, norm_impl=cfg.norm_impl))
-    return train(net, data, steps=cfg.steps, lr=lr, batch_size=cfg.batch_size, seed=seed,
-                 eval_every=cfg.eval_every, eval_splits=("val", "test"), device=cfg.device,
-                 show_progress=False)
-
-
-@register("bn_at_a_glance", GlanceConfig, title="Plain vs BN at three learning rates",
+@register("bn_at_a_glance", GlanceConfig, title="Plain vs BN, learning rate tuned per arm",
           chapter="18_faq", plot=lambda df: plot_glance(df))
 def bn_at_a_glance(cfg: GlanceConfig) -> pd.DataFrame:
-    """Training histories of plain and BN MLPs × learning rate × seed (arms ``plain``, ``BN``)."""
-    if not cfg.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in cfg.lrs):
-        raise ValueError(f"lrs must be positive finite numbers, got {cfg.lrs}")
-    if not 0 < cfg.target <= 1:
-        raise ValueError(f"target must be an accuracy in (0, 1], got {cfg.target}")
-    ds = datasets.load(cfg.data)
-    return sweep(_glance_run, seeds=cfg.seeds, arms={"plain": {"norm": "none"}, "BN": {"norm": "batch"}},
-                 grid={"lr": list(cfg.lrs)}, common=dict(data=ds, cfg=cfg), desc="bn_at_a_glance")
+    """Tuning sweep (``kind="tuning"``) and reported runs at each arm's rate (``"history"``)."""
+    if not 0 < cfg.target <= 1 or not cfg.margin > 0:
+        raise ValueError(f"target must be in (0, 1] and margin > 0, got {cfg.target}, {cfg.margin}")
+    return tuned(cfg)
 
 
-def glance_table(df: pd.DataFrame, target: float = 0.9) -> pd.DataFrame:
-    """One row per (arm, lr, seed): ``diverged``, final ``val_acc``/``test_acc`` (0 when
-    diverged), ``steps_to_target`` (first evaluation with val accuracy ≥ ``target``;
-    inf when never), and ``best`` (whether this lr is the arm's best on mean val accuracy)."""
-    need = {"arm", "lr", "seed", "step", "split", "accuracy", "diverged"}
-    if not need <= set(df.columns):
-        raise ValueError(f"not a bn_at_a_glance result: missing {sorted(need - set(df.columns))}")
-    rows = []
-    for (arm, lr, seed), run in df.groupby(["arm", "lr", "seed"], sort=False):
-        div = bool(run["diverged"].any())
-        fin = lambda s: 0.0 if div or not (run["split"] == s).any() else float(  # noqa: E731
-            run[run["split"] == s]["accuracy"].iloc[-1])
-        rows.append(dict(arm=arm, lr=lr, seed=seed, diverged=div, val_acc=fin("val"),
-                         test_acc=fin("test"),
-                         steps_to_target=math.inf if div else steps_to_target(run, target)))
-    out = pd.DataFrame(rows)
-    best = tune_lr(df, by=("arm",), lr="lr")[["arm", "lr"]].assign(best=True)
-    out = out.merge(best, on=["arm", "lr"], how="left")
-    out["best"] = out["best"].eq(True)
-    return out
+def usable_rates(df: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per arm and learning rate of the tuning sweep: the fraction of tuning seeds that
+    reached ``target`` validation accuracy (a diverged run did not) and the mean final
+    validation accuracy; ``trains`` when every tuning seed reached the target."""
+    sweep = rows(df, "tuning")
+    ttt = analysis.time_to_target(sweep, target, keys=["arm", "lr", "seed"])
+    ttt.loc[ttt["diverged"], "reached"] = False
+    out = ttt.groupby(["arm", "lr"])["reached"].mean().rename("fraction_reached").reset_index()
+    fin = analysis.final(sweep, split="val", keys=["arm", "lr", "seed"])
+    out = out.merge(fin.groupby(["arm", "lr"])["accuracy"].mean().rename("val_acc").reset_index())
+    return out.assign(trains=out["fraction_reached"].eq(1.0))
 
 
 def plot_glance(df: pd.DataFrame, ax=None):
-    """Validation accuracy against step for each arm at its best learning rate (mean ± sd)."""
+    """Validation accuracy against step for each arm at its tuned learning rate (mean ± sd)."""
     import matplotlib.pyplot as plt
     from .. import plots
-    from ._common import at_best_lr
     ax = ax or plt.gca()
-    best = at_best_lr(df, by=("arm",), lr="lr")
-    best = best.assign(arm=best["arm"] + " (lr " + best["lr"].map(lambda v: f"{v:g}") + ")")
-    plots.learning_curves(best, split="val", ax=ax, title="Validation accuracy at each arm's best LR")
+    rep = rows(df, "history")
+    rep = rep.assign(arm=rep["arm"] + " (lr " + rep["lr"].map(lambda v: f"{v:g}") + ")")
+    pal = {a: plots.color(a.split(" (")[0]) for a in rep["arm"].unique()}
+    plots.draw_curves(rep, split="val", ax=ax, palette=pal,
+                      title="Validation accuracy at each arm's tuned learning rate")
     ax.set_ylim(0, 1)
-    return ax
+    return ax.figure
+
+
+# --- F6: momentum × ε -----------------------------------------------------------------------
+
+class RunningStatsProbe(Probe):
+    """Sets every BN's ε at the start, then keeps, for each of ``momenta``, the running mean
+    and variance a BN with that momentum (PyTorch convention) would have: the same update
+    ``r ← (1 − m)·r + m·batch`` from the same batch statistics (unbiased variance), starting
+    at 0 and 1. Momentum does not change training, so one run serves every momentum."""
+
+    def __init__(self, momenta, eps: float) -> None:
+        self.momenta, self.eps, self.rows = tuple(momenta), eps, []
+        self.stats: dict[float, list[list[torch.Tensor]]] = {}
+        self._handles: list = []
+
+    def on_train_start(self, model: nn.Module) -> None:
+        layers = bnn.batchnorm_layers(model)
+        if not layers:
+            raise ValueError("RunningStatsProbe needs a model with batch norm")
+        self.stats = {m: [[torch.zeros(bn.num_features, dtype=torch.float64),
+                           torch.ones(bn.num_features, dtype=torch.float64)] for bn in layers]
+                      for m in self.momenta}
+        for i, bn in enumerate(layers):
+            bn.eps = self.eps
+            self._handles.append(bn.register_forward_pre_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        def hook(module, inputs):
+            if not module.training:
+                return
+            h = inputs[0].detach().double()
+            mean, var = h.mean(0), h.var(0, unbiased=True)
+            for m, st in self.stats.items():
+                st[i][0].mul_(1 - m).add_(mean, alpha=m)
+                st[i][1].mul_(1 - m).add_(var, alpha=m)
+        return hook
+
+    def __call__(self, info) -> None:
+        pass
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def load(self, model: nn.Module, momentum: float) -> None:
+        """Copy momentum ``momentum``'s running statistics into the model's BN layers."""
+        for bn, (mean, var) in zip(bnn.batchnorm_layers(model), self.stats[momentum]):
+            bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
+            bn.running_var.copy_(var.to(bn.running_var.dtype))
+
+
+@dataclass(frozen=True)
+class HyperConfig(Protocol):
+    """BN momentum × ε on a short run of a BN MLP on digits, 8 paired seeds."""
+
+    data: str = "digits"                               # ships with scikit-learn: no download
+    model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch", norm_impl="torch")  # torch's BN: same arithmetic, faster on CPU
+    train: TrainSpec = TrainSpec(lr=0.1, steps=150, batch_size=32, eval_every=150,
+                                 eval_splits=("test",))  # short: a slow average has least time to catch up
+    arms: dict = field(default_factory=lambda: {"BN": {}})
+    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum for TOST
+    momenta: tuple[float, ...] = (0.01, 0.1, 0.5)      # Keras' default, PyTorch's default, a fast one
+    epsilons: tuple[float, ...] = (1e-5, 1e-3, 1e-1)   # PyTorch's, Keras' default, a large one
+    reference: tuple[float, float] = (0.1, 1e-5)       # PyTorch's defaults: every setting is compared with it
+    margin: float = 0.02                               # smallest test-accuracy difference that matters
+
+    @classmethod
+    def full(cls) -> "HyperConfig":
+        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 2000,
+                                "train.batch_size": 64, "train.eval_every": 2000,
+                                "momenta": (0.001, 0.01, 0.1, 0.5, 0.9),
+                                "epsilons": (1e-5, 1e-3, 1e-1, 1.0)})
+
+
+@register("bn_hyperparameters", HyperConfig, title="BN momentum × ε after a short run",
+          chapter="18_faq", plot=lambda df: plot_hyper(df))
+def bn_hyperparameters(cfg: HyperConfig) -> pd.DataFrame:
+    """One row per momentum × ε × seed: ``test_acc`` (running statistics of that momentum)
+    and ``precise_test_acc`` (precise statistics of the same weights), ``diverged``."""
+    if not cfg.momenta or any(not 0 < m <= 1 for m in cfg.momenta):
+        raise ValueError(f"momenta must be non-empty and in (0, 1], got {cfg.momenta}")
+    if not cfg.epsilons or any(not e > 0 for e in cfg.epsilons):
+        raise ValueError(f"epsilons must be non-empty and positive, got {cfg.epsilons}")
+    if cfg.model.norm != "batch":
+        raise ValueError("bn_hyperparameters needs a batch-norm model (model.norm='batch')")
+    data = load_data(cfg)
+    spec = cfg.train if cfg.device == "auto" else dataclasses.replace(cfg.train, device=cfg.device)
+    out = []
+    for eps in cfg.epsilons:
+        for seed in cfg.seeds:
+            probe = RunningStatsProbe(cfg.momenta, eps)
+            hist = fit(cfg.model, spec, data, seed, callbacks=[probe])
+            probe.close()
+            net, diverged = hist.attrs["model"], bool(hist["diverged"].any())
+            test = data.to(next(net.parameters()).device).test
+            precise = math.nan
+            if not diverged:
+                recompute_batchnorm_stats(net, data.to(next(net.parameters()).device).train.x)
+                precise = evaluate(net, test)[1]
+            for m in cfg.momenta:
+                acc = math.nan
+                if not diverged:
+                    probe.load(net, m)
+                    acc = evaluate(net, test)[1]
+                out.append(dict(momentum=m, eps=eps, seed=seed, test_acc=acc,
+                                precise_test_acc=precise, diverged=diverged))
+    return pd.DataFrame(out).assign(kind="hyper")
+
+
+def hyper_comparisons(df: pd.DataFrame, cfg: HyperConfig, value: str = "test_acc") -> dict:
+    """Every momentum × ε against ``cfg.reference`` (paired by seed): better/worse/equivalent/
+    inconclusive within ``cfg.margin``, Holm-adjusted over the family."""
+    ref_m, ref_e = cfg.reference
+    ref = df[(df["momentum"] == ref_m) & (df["eps"] == ref_e)].set_index("seed")[value]
+    family = {}
+    for (m, e), g in df.groupby(["momentum", "eps"]):
+        if (m, e) == (ref_m, ref_e):
+            continue
+        g = g.set_index("seed")[value]
+        family[f"momentum {m:g}, ε {e:g}"] = (g.to_numpy(float), ref.loc[g.index].to_numpy(float))
+    return analysis.compare_family(family, margin=cfg.margin)
+
+
+def plot_hyper(df: pd.DataFrame, axes=None):
+    """Heatmaps of mean test accuracy (± sd over seeds) per momentum × ε: running statistics
+    (left) and precise statistics (right)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    for ax, value, title in zip(axes, ("test_acc", "precise_test_acc"),
+                                ("running statistics", "precise statistics")):
+        mean = df.pivot_table(index="momentum", columns="eps", values=value, aggfunc="mean")
+        sd = df.pivot_table(index="momentum", columns="eps", values=value, aggfunc="std")
+        labels = mean.map(lambda v: f"{v:.3f}") + "\n± " + sd.map(lambda v: f"{v:.3f}")
+        sns.heatmap(mean, annot=labels, fmt="", cmap="viridis", vmin=float(np.nanmin(mean.values)) - 0.01,
+                    vmax=1.0, cbar_kws={"label": "test accuracy"}, ax=ax)
+        ax.set_xticklabels([f"{e:g}" for e in mean.columns])
+        ax.set_xlabel("ε")
+        ax.set_ylabel("momentum (PyTorch convention)")
+        ax.set_title(title)
+    return axes[0].figure

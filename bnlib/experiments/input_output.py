@@ -8,8 +8,8 @@ One experiment, ``input_output``: a BN MLP on *raw* digits (pixels 0–16) with 
 * ``output BN (no affine)``: the same without γ, β: every logit is forced to mean 0 and
   variance 1 over the batch,
 
-each at its own learning rate (tuned on the validation *loss*: the question is about
-loss and calibration), paired seeds. Every run reports test accuracy, loss and the
+each at its own learning rate (tuned on the validation *loss* with tuning seeds that are never
+reported: the question is about loss and calibration), then 8 paired reported seeds. Every run reports test accuracy, loss and the
 expected calibration error (:func:`expected_calibration_error`), and for the input-BN arm
 how strongly its running statistics amplify each pixel (:func:`input_gains`).
 
@@ -20,8 +20,8 @@ variance near 0, so at test time BN multiplies it by ``1/√(var + ε)``, up to 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,16 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import analysis
 from .. import data as datasets
 from .. import nn as bnn
-from ..models import mlp
-from ..train import seeded, train
-from . import Config, register, sweep
-from ._common import tune_lr
+from ..config import override
+from ..models import MLPSpec, mlp
+from ..protocol import Protocol, Tuning, arm_config, load_data, runs
+from ..train import TrainSpec, fit
+from . import register
 
-__all__ = ["IOConfig", "input_output", "ARMS", "build_model", "train_one", "expected_calibration_error",
-           "reliability", "input_gains", "extreme_inputs", "summary", "best_runs",
-           "plot_input_output"]
+__all__ = ["IOSpec", "IOConfig", "input_output", "ARMS", "train_one", "expected_calibration_error",
+           "reliability", "input_gains", "extreme_inputs", "final_table", "plot_input_output"]
 
 ARMS = ("no extra BN", "input BN", "output BN (affine)", "output BN (no affine)")
 
@@ -85,21 +86,29 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) 
 
 # --- models ---------------------------------------------------------------------------------
 
-def build_model(arm: str, in_features: int, num_classes: int, *, depth: int = 2, width: int = 128,
-                norm_impl: str = "bnlib") -> nn.Module:
-    """The BN MLP of ``arm`` (one of :data:`ARMS`): ``input BN`` puts a ``BatchNorm1d``
-    on the raw inputs in front of it, ``output BN …`` one on its logits."""
-    if arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
-    lib = {"bnlib": bnn, "torch": nn}.get(norm_impl)
-    if lib is None:
-        raise ValueError(f"norm_impl must be 'bnlib' or 'torch', got {norm_impl!r}")
-    net = mlp(in_features, num_classes, depth=depth, width=width, norm="batch", norm_impl=norm_impl)
-    if arm == "input BN":
-        return nn.Sequential(lib.BatchNorm1d(in_features), net)
-    if arm.startswith("output BN"):
-        return nn.Sequential(net, lib.BatchNorm1d(num_classes, affine=arm == "output BN (affine)"))
-    return net
+@dataclass(frozen=True)
+class IOSpec:
+    """A BN MLP (``net``) with an optional extra BN: ``extra`` is one of :data:`ARMS`.
+    ``input BN`` puts a ``BatchNorm1d`` on the raw inputs in front of it, ``output BN …``
+    one on its logits (with or without γ, β). ``build(seed, data)`` like the other specs."""
+
+    kind: ClassVar[str] = "io-mlp"
+    net: MLPSpec = MLPSpec(depth=2, width=128, norm="batch", norm_impl="torch")
+    extra: str = "no extra BN"
+
+    def inputs(self, data: datasets.Dataset) -> datasets.Dataset:
+        return data
+
+    def build(self, seed: int, data: datasets.Dataset) -> nn.Module:
+        if self.extra not in ARMS:
+            raise ValueError(f"extra must be one of {ARMS}, got {self.extra!r}")
+        lib = {"bnlib": bnn, "torch": nn}[self.net.norm_impl]
+        net = self.net.build(seed, data)
+        if self.extra == "input BN":
+            return nn.Sequential(lib.BatchNorm1d(data.num_features), net)
+        if self.extra.startswith("output BN"):
+            return nn.Sequential(net, lib.BatchNorm1d(data.num_classes, affine=self.extra == "output BN (affine)"))
+        return net
 
 
 @torch.no_grad()
@@ -122,43 +131,39 @@ def input_gains(model: nn.Module, x_test: Tensor | None = None) -> pd.DataFrame:
 
 # --- the experiment -------------------------------------------------------------------------
 
+def _io_arms() -> dict:
+    return {a: {"model.extra": a} for a in ARMS}
+
+
 @dataclass(frozen=True)
-class IOConfig(Config):
-    """Extra BN on the input or on the logits of a 2×128 BN MLP on raw digits.
+class IOConfig(Protocol):
+    """Extra BN on the input or on the logits of a 2×128 BN MLP on raw digits."""
 
-    Quick: 300 SGD steps of batch 32, LR ∈ {0.03, 0.1, 0.3} tuned per arm on the
-    validation loss, 3 seeds, torch's BatchNorm1d (the same arithmetic as bnlib's,
-    chapter 1; faster on a CPU). Full: raw MNIST (pixels 0–255), 5 seeds, longer.
-    """
-
-    data: str = "digits"
-    preprocessing: str = "raw"
-    arms: tuple[str, ...] = ARMS
-    lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
-    steps: int = 300
-    batch_size: int = 32
-    depth: int = 2
-    width: int = 128
-    n_bins: int = 15
-    norm_impl: str = "torch"
+    data: str = "digits"                               # ships with scikit-learn: no download
+    preprocessing: str = "raw"                         # pixels 0–16: input BN sees the raw scale
+    model: IOSpec = IOSpec()                           # a 2×128 BN MLP (torch's BN: same arithmetic, faster)
+    train: TrainSpec = TrainSpec(steps=200, batch_size=32, eval_every=200)  # one evaluation, at the end
+    arms: dict = field(default_factory=_io_arms)
+    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum
+    tuning: Tuning = Tuning(grid=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0), seeds=(1000, 1001), metric="loss")  # val loss
+    n_bins: int = 15                                   # ECE bins (Guo et al.'s 15)
+    margin: float = 0.03                               # smallest test-accuracy difference that matters
 
     @classmethod
     def full(cls) -> "IOConfig":
-        return cls(data="mnist", width=256, steps=5000, batch_size=64,
-                   lrs=(0.003, 0.01, 0.03, 0.1, 0.3), seeds=(0, 1, 2, 3, 4))
+        return override(cls(), {"data": "mnist", "model.net.width": 256, "train.steps": 5000,
+                                "train.batch_size": 64, "train.eval_every": 5000,
+                                "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)})
 
 
-def train_one(cfg: IOConfig, arm: str, lr: float, seed: int,
-              data: datasets.Dataset | None = None) -> tuple[nn.Module, datasets.Dataset, pd.DataFrame]:
-    """Train one run of the experiment (exactly as the sweep does): returns the trained
-    model (eval mode), the dataset (on the model's device) and the training history.
-    The chapter uses it to look inside one model (gains, reliability diagram)."""
-    data = data if data is not None else datasets.load(cfg.data, preprocessing=cfg.preprocessing)
-    net = seeded(seed, lambda: build_model(arm, data.num_features, data.num_classes,
-                                           depth=cfg.depth, width=cfg.width, norm_impl=cfg.norm_impl))
-    hist = train(net, data, steps=cfg.steps, lr=lr, batch_size=cfg.batch_size, seed=seed,
-                 eval_every=cfg.steps, eval_splits=("val", "test"), device=cfg.device,
-                 show_progress=False)
+def train_one(cfg: IOConfig, arm: str, lr: float, seed: int) -> tuple[nn.Module, datasets.Dataset, pd.DataFrame]:
+    """Train one run exactly as the experiment does: returns the trained model (eval mode),
+    the data set (on the model's device) and the history. The chapter uses it to look inside
+    one model (gains, reliability diagram)."""
+    acfg = override(arm_config(cfg, arm), {"train.lr": lr})
+    data = load_data(acfg)
+    hist = fit(acfg.model, acfg.train, data, seed)
+    net = hist.attrs["model"]
     return net, data.to(next(net.parameters()).device), hist
 
 
@@ -179,73 +184,49 @@ def extreme_inputs(model: nn.Module, split: datasets.Split, threshold: float = 1
             "extreme_loss_share": float(losses[extreme].sum()) / total if total > 0 else math.nan}
 
 
-def _io_run(*, seed: int, data: datasets.Dataset, arm: str, lr: float, cfg: IOConfig) -> pd.DataFrame:
-    net, data, hist = train_one(cfg, arm, lr, seed, data)
-    if hist["diverged"].any():
-        return hist
+def _measures(net: nn.Module, data: datasets.Dataset, arm: str, n_bins: int) -> dict:
     with torch.no_grad():
-        probs = F.softmax(net(data.test.x), dim=1)
-    conf = probs.max(1).values
-    last = hist["step"] == hist["step"].max()
-    test = last & (hist["split"] == "test")
-    hist.loc[test, "ece"] = expected_calibration_error(probs, data.test.y, cfg.n_bins)
-    hist.loc[test, "confidence"] = float(conf.mean())
+        logits = net(data.test.x)
+        probs = F.softmax(logits, dim=1)
+    out = dict(accuracy=float((probs.argmax(1) == data.test.y).double().mean()),
+               loss=float(F.cross_entropy(logits, data.test.y)),
+               ece=expected_calibration_error(probs, data.test.y, n_bins),
+               confidence=float(probs.max(1).values.mean()))
     if arm == "input BN":
         g = input_gains(net, data.test.x)
-        hist.loc[test, "max_gain"] = float(g["gain"].max())
-        hist.loc[test, "max_abs_z"] = float(g["max_abs_z"].max())
-        for k, v in extreme_inputs(net, data.test).items():
-            hist.loc[test, k] = v
-    return hist
+        out.update(max_gain=float(g["gain"].max()), max_abs_z=float(g["max_abs_z"].max()),
+                   **extreme_inputs(net, data.test))
+    return out
 
 
 @register("input_output", IOConfig, title="Batch norm on the input layer and on the logits",
           chapter="17_input_output", plot=lambda df: plot_input_output(df))
 def input_output(cfg: IOConfig) -> pd.DataFrame:
-    """Histories of every arm × learning rate × seed; the last test row of each run also
-    carries ``ece`` and ``confidence`` (mean top probability), and, for ``input BN``,
-    ``max_gain`` (largest 1/√(running_var+ε)), ``max_abs_z`` (largest |normalised
-    test input|) and :func:`extreme_inputs`' ``extreme_frac``/``extreme_loss_share``."""
+    """Tuning choices (``kind="choice"``) and one row per arm × reported seed
+    (``kind="final"``): ``lr``, test ``accuracy``, ``loss``, ``ece``, ``confidence`` and,
+    for ``input BN``, ``max_gain``, ``max_abs_z``, ``extreme_frac``, ``extreme_loss_share``."""
     bad = [a for a in cfg.arms if a not in ARMS]
     if bad or not cfg.arms:
-        raise ValueError(f"arms must be among {ARMS}, got {cfg.arms}")
-    if not cfg.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in cfg.lrs):
-        raise ValueError(f"lrs must be positive finite numbers, got {cfg.lrs}")
-    ds = datasets.load(cfg.data, preprocessing=cfg.preprocessing)
-    return sweep(_io_run, seeds=cfg.seeds, arms={a: {"arm": a} for a in cfg.arms},
-                 grid={"lr": list(cfg.lrs)}, common=dict(data=ds, cfg=cfg), desc="input_output")
+        raise ValueError(f"arms must be among {ARMS}, got {list(cfg.arms)}")
+    t = cfg.tuning
+    sweep = runs(cfg, seeds=t.seeds, grid={"train.lr": t.grid})
+    choice = analysis.tune(sweep, param="lr", metric=t.metric, by=("arm",), seeds=t.seeds,
+                           report_seeds=cfg.seeds, allow_edge=t.allow_edge)
+    out = []
+    for arm, lr in zip(choice["arm"], choice["lr"]):
+        for seed in cfg.seeds:
+            net, data, hist = train_one(cfg, arm, float(lr), seed)
+            div = bool(hist["diverged"].any())
+            out.append(dict(arm=arm, seed=seed, lr=float(lr), diverged=div,
+                            **({} if div else _measures(net, data, arm, cfg.n_bins))))
+    return pd.concat([pd.DataFrame(out).assign(kind="final"), choice.assign(kind="choice")],
+                     ignore_index=True)
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (arm, lr, seed): final test ``accuracy``, ``loss``, ``ece``,
-    ``confidence``, val ``val_loss``/``val_acc`` (and the input-BN columns when present).
-    A diverged run gets accuracy 0 and infinite losses."""
-    need = {"arm", "lr", "seed", "step", "split", "loss", "accuracy", "diverged"}
-    if not need <= set(df.columns):
-        raise ValueError(f"not an input_output result: missing {sorted(need - set(df.columns))}")
-    extra = [c for c in ("ece", "confidence", "max_gain", "max_abs_z", "extreme_frac",
-                         "extreme_loss_share") if c in df.columns]
-    rows = []
-    for (arm, lr, seed), run in df.groupby(["arm", "lr", "seed"], sort=False):
-        div = bool(run["diverged"].any())
-        last = run[run["step"] == run["step"].max()]
-        t, v = last[last["split"] == "test"], last[last["split"] == "val"]
-        row = dict(arm=arm, lr=lr, seed=seed, diverged=div)
-        if div or t.empty:
-            row.update(accuracy=0.0, loss=math.inf, val_acc=0.0, val_loss=math.inf)
-        else:
-            row.update(accuracy=float(t["accuracy"].iloc[0]), loss=float(t["loss"].iloc[0]),
-                       val_acc=float(v["accuracy"].iloc[0]), val_loss=float(v["loss"].iloc[0]),
-                       **{c: float(t[c].iloc[0]) for c in extra})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def best_runs(df: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:
-    """:func:`summary` rows at each arm's learning rate with the best mean validation
-    ``metric`` (``"loss"``, minimised, or ``"accuracy"``), never chosen on test."""
-    best = tune_lr(df, metric=metric, by=("arm",), lr="lr")[["arm", "lr"]]
-    return summary(df).merge(best, on=["arm", "lr"], how="inner")
+def final_table(df: pd.DataFrame, value: str) -> pd.DataFrame:
+    """``value`` of the reported runs, seeds as rows and arms as columns."""
+    f = df[df["kind"] == "final"]
+    return f.pivot_table(index="seed", columns="arm", values=value)[[a for a in ARMS if a in set(f["arm"])]]
 
 
 def plot_input_output(df: pd.DataFrame, axes: Sequence | None = None):
@@ -255,7 +236,7 @@ def plot_input_output(df: pd.DataFrame, axes: Sequence | None = None):
     import seaborn as sns
     if axes is None:
         _, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
-    b = best_runs(df)
+    b = df[df["kind"] == "final"]
     order = [a for a in ARMS if a in set(b["arm"])]
     for ax, col, title in zip(axes, ("accuracy", "loss", "ece"),
                               ("Test accuracy", "Test loss (cross-entropy)", "Expected calibration error")):
@@ -265,4 +246,4 @@ def plot_input_output(df: pd.DataFrame, axes: Sequence | None = None):
         ax.set_xlabel("")
         ax.tick_params(axis="x", rotation=20)
     axes[0].set_ylim(0.8, 1.0)
-    return axes
+    return axes[0].figure
