@@ -49,7 +49,8 @@ def make_norm(kind: Norm, features: int, *, conv: bool, impl: str = "bnlib",
         return lib.BatchNorm2d(features) if conv and dims == 2 else lib.BatchNorm1d(features)
     if kind == "layer":
         # For images, LayerNorm over (C, H, W) is GroupNorm with one group.
-        return nn.GroupNorm(1, features) if conv else nn.LayerNorm(features)
+        from .norms import GroupNorm, LayerNorm  # bnlib's own, drop-ins for torch's
+        return GroupNorm(1, features) if conv else LayerNorm(features)
     if kind == "group":
         g = math.gcd(groups, features)
         from .norms import GroupNorm  # bnlib's from-scratch GroupNorm (chapter 16)

@@ -78,7 +78,7 @@ class Member:
 
 def supports(model: object, spec: TrainSpec) -> bool:
     """Whether :func:`fit_many` can train ``model`` with ``spec`` (else use ``fit``)."""
-    return (isinstance(model, MLPSpec) and model.norm in ("none", "batch")
+    return (type(model) is MLPSpec and model.norm in ("none", "batch")
             and model.activation in _ACTIVATIONS and not model.dropout
             and spec.optimizer == "sgd")
 
