@@ -13,7 +13,6 @@ import pytest
 import bnlib
 from bnlib import experiments as ex
 from bnlib.__main__ import main
-from bnlib.experiments._common import at_best_lr, final_rows, train_mlp, tune_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,40 +198,6 @@ def _history(arm, lr, seed, val_acc, test_acc, diverged=False, last_step=10):
     return pd.DataFrame(rows).assign(arm=arm, lr=lr, seed=seed, diverged=diverged)
 
 
-def test_tune_lr_picks_each_arms_best_on_val_and_fails_diverged_runs():
-    frames = []
-    for seed in (0, 1):
-        # plain: lr=1.0 looked best on val before it diverged at step 5; 0.1 is the honest best
-        frames += [_history("plain", 0.1, seed, 0.80, 0.80),
-                   _history("plain", 1.0, seed, 0.99, 0.99, diverged=True, last_step=5),
-                   _history("plain", 0.01, seed, 0.60, 0.95)]  # best on *test*: must not matter
-        frames += [_history("bn", 0.1, seed, 0.85, 0.85), _history("bn", 1.0, seed, 0.90, 0.90)]
-    df = pd.concat(frames, ignore_index=True)
-    best = tune_lr(df)
-    assert list(best.columns) == ["arm", "lr", "accuracy", "at_edge"]
-    picks = dict(zip(best["arm"], best["lr"]))
-    assert picks == {"plain": 0.1, "bn": 1.0}
-    assert best.set_index("arm").loc["plain", "accuracy"] == pytest.approx(0.80)
-    by_loss = dict(zip(*tune_lr(df, metric="loss")[["arm", "lr"]].T.values))
-    assert by_loss == {"plain": 0.1, "bn": 1.0}
-    rows = at_best_lr(df)
-    assert set(zip(rows["arm"], rows["lr"])) == {("plain", 0.1), ("bn", 1.0)}
-    last = final_rows(df)  # one row per (run, split), at that run's last step
-    assert len(last) == 5 * 2 * 2
-    diverged = (last["arm"] == "plain") & (last["lr"] == 1.0)
-    assert set(last[diverged]["step"]) == {5} and set(last[~diverged]["step"]) == {10}
-
-
-def test_tune_lr_on_real_training_runs():
-    from bnlib import data as datasets
-    gm = datasets.load("gaussian_mixture", n=400, dim=8, classes=3)
-    df = ex.sweep(train_mlp, seeds=(0,), arms={"plain": {"model": {"depth": 2, "width": 16}}},
-                  grid={"lr": [0.1, 1e6]},
-                  common=dict(data=gm, steps=15, batch_size=32, device="cpu"))
-    assert df[df["lr"] == 1e6]["diverged"].all() and not df[df["lr"] == 0.1]["diverged"].any()
-    assert tune_lr(df)["lr"].tolist() == [0.1]
-
-
 # --- the command line -----------------------------------------------------------------------
 
 def test_cli_run_writes_csv_png_and_provenance(tmp_path, capsys):
@@ -284,11 +249,3 @@ def test_python_m_bnlib_list():
     names = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
     assert names == sorted(names) and len(names) >= 1
     assert "test_cli_dummy" not in names  # registered by this test module only
-
-
-def test_tune_lr_flags_a_best_rate_at_the_edge_of_the_grid():
-    rows = [dict(arm=a, lr=lr, seed=0, step=1, split="val", loss=1.0, accuracy=acc, diverged=False)
-            for a, lr, acc in [("A", 0.1, 0.5), ("A", 1.0, 0.9), ("A", 3.0, 0.7),
-                               ("B", 0.1, 0.9), ("B", 1.0, 0.5), ("B", 3.0, 0.4)]]
-    best = tune_lr(pd.DataFrame(rows)).set_index("arm")
-    assert not best.loc["A", "at_edge"] and best.loc["B", "at_edge"]

@@ -34,7 +34,6 @@ from ..nn import BatchNorm1d, GhostBatchNorm1d, use_ghost_batchnorm
 from ..protocol import Protocol, Tuning, load_data, rows, runs, tuned
 from ..train import TrainSpec
 from . import register
-from ._common import at_best_lr, final_rows
 
 __all__ = ["GhostMLPSpec", "GeneralizationConfig",
            "generalization", "ControlsConfig", "generalization_controls", "final_wide",
@@ -103,46 +102,6 @@ def matched_gap(df: pd.DataFrame, target: float, *, keys: Sequence[str] = ("data
                if r["reached"] else np.nan)
         out.append({**{k: r[k] for k in keys}, "step": r["time"], "reached": bool(r["reached"]),
                     "accuracy_test": acc, "gap": target - acc})
-    return pd.DataFrame(out)
-
-
-def legacy_final_table(df: pd.DataFrame, by: Sequence[str] = ("dataset", "arm")) -> pd.DataFrame:
-    """Old sweep results (``lr`` column, no ``kind``): each group's best-val-LR runs, final
-    metrics side by side. Kept only for chapter 15's plot until it moves to the protocol."""
-    by = [b for b in by if b in df]
-    keys = by + ["lr", "seed"]
-    last = final_rows(at_best_lr(df, by=by), keys)
-    last = last[last["split"].isin(["train", "val", "test"])]
-    wide = last.pivot_table(index=keys, columns="split", values=["accuracy", "loss"]).reset_index()
-    wide.columns = [f"{a}_{b}" if b else a for a, b in wide.columns]
-    return wide
-
-
-final_table = legacy_final_table  # the name chapter 15 imports (to be removed there)
-
-
-def arm_summary(table: pd.DataFrame, values: Sequence[str], by: Sequence[str] = ("dataset", "arm")
-                ) -> pd.DataFrame:
-    """Legacy (chapter 15 until it moves to the protocol): mean and sd over seeds of
-    ``values`` per ``by`` group, with the ``lr`` and the seed count ``n``."""
-    by = [b for b in by if b in table]
-    g = table.groupby(by, sort=False)
-    out = g[list(values)].agg(["mean", "std"])
-    out.columns = [f"{a}_{b}" for a, b in out.columns]
-    return out.assign(lr=g["lr"].first(), n=g["seed"].nunique()).reset_index()
-
-
-def paired_table(table: pd.DataFrame, value: str, a: str, b: str, by: str | None = "dataset"
-                 ) -> pd.DataFrame:
-    """Legacy (chapter 15 until it moves to the protocol): :func:`bnlib.analysis.paired_difference`
-    of ``value``, arm ``a`` minus arm ``b`` paired on the seed, per ``by`` group."""
-    groups = [(None, table)] if by is None else list(table.groupby(by, sort=False))
-    out = []
-    for key, sub in groups:
-        d = analysis.paired_difference(*analysis.pairs(sub, value, a, b))
-        out.append({**({by: key} if by is not None else {}), "comparison": f"{a} − {b}", "n": d.n,
-                    "mean": d.mean, "std": d.sd, "ci_low": d.ci_low, "ci_high": d.ci_high,
-                    "significant": d.p < 0.05})
     return pd.DataFrame(out)
 
 
