@@ -22,9 +22,7 @@ spells hit every implementation alike.
 """
 from __future__ import annotations
 
-import random
 import statistics
-import time
 from typing import Callable, Mapping
 
 import numpy as np

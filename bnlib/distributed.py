@@ -47,7 +47,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import functional as BF
 from .functional import _affine, _broadcast, channel_dims
 from .nn import BatchNorm1d, BatchNorm2d, _BatchNorm
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import batchnorm_layers
+
+if TYPE_CHECKING:
+    from .train import StepInfo
 
 __all__ = ["Probe", "WeightNormTracker", "activation_stats", "PercentileTracker", "gradient_norms", "weight_norms",
            "frozen_batchnorm_buffers", "capture"]

@@ -362,7 +362,6 @@ def _fit_rank(rank, world, data, sync):
 
 def test_fit_under_torchrun_equals_single_process_full_batch_training():
     """Two ranks with synced batch norm train exactly the single-process network (float64)."""
-    import dataclasses
     from bnlib.data import load
     from bnlib.distributed import launch
     from bnlib.models import MLPSpec

@@ -1,7 +1,6 @@
 """Mechanics of chapter 5's experiments (bnlib/experiments/generalization.py)."""
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 import torch
 from torch import nn

@@ -12,7 +12,7 @@ from bnlib import cache, experiments, runtime
 from bnlib.__main__ import main
 from bnlib.config import ConfigError, config_hash, format_config, override, parse_value, to_dict
 from bnlib.models import CNNSpec, MLPSpec
-from bnlib.protocol import Protocol, Tuning, arm_config, column, rows, runs, tuned
+from bnlib.protocol import Protocol, arm_config, column, rows, runs, tuned
 from bnlib.train import HISTORY_COLUMNS, TrainSpec, fit
 
 TINY = Protocol(data="digits", model=MLPSpec(depth=2, width=16),

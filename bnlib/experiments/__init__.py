@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import datetime as dt
 import hashlib
 import importlib
@@ -36,7 +35,7 @@ import itertools
 import json
 import pkgutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 

@@ -34,7 +34,7 @@ from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
 from ..probes import Probe
-from ..protocol import Protocol, Tuning, load_data, rows, runs, tuned
+from ..protocol import Protocol, Tuning, load_data, rows, tuned
 from ..train import TrainSpec, fit
 from . import register
 

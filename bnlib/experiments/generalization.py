@@ -25,12 +25,12 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import analysis
 from ..config import override
 from ..models import CNNSpec, MLPSpec, mlp
-from ..nn import BatchNorm1d, GhostBatchNorm1d, use_ghost_batchnorm
+from ..nn import use_ghost_batchnorm
 from ..protocol import Protocol, Tuning, load_data, rows, runs, tuned
 from ..train import TrainSpec
 from . import register
@@ -189,7 +189,6 @@ def plot_controls(df: pd.DataFrame):
     """Test accuracy and train–test gap per arm and data set, reported seeds."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-    from ..plots import _palette
     table = final_wide(df)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
     for ax, col, label in zip(axes, ["accuracy_test", "gap"], ["test accuracy", "train − test accuracy"]):

@@ -33,7 +33,7 @@ from .. import analysis
 from .. import data as datasets
 from .. import nn as bnn
 from ..config import override
-from ..models import MLPSpec, mlp
+from ..models import MLPSpec
 from ..protocol import Protocol, Tuning, arm_config, load_data, runs
 from ..train import TrainSpec, fit
 from . import register
