@@ -27,7 +27,8 @@ from .experiments import Config
 from .models import CNNSpec, MLPSpec
 from .train import TrainSpec, fit
 
-__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "runs", "tuned", "rows", "column"]
+__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "tuned", "trained",
+           "rows", "column"]
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,24 @@ def load_data(cfg: Protocol) -> datasets.Dataset:
     return _DATA[k]
 
 
-def _train_spec(cfg: Protocol) -> TrainSpec:
+def train_spec(cfg: Protocol) -> TrainSpec:
+    """The config's training spec, on the config's device when one was asked for."""
     if cfg.device != "auto" and cfg.train.device == "auto":
         return dataclasses.replace(cfg.train, device=cfg.device)
     return cfg.train
+
+
+def trained(cfg: Protocol, *, arms: Sequence[str] | None = None,
+            seeds: Sequence[int] | None = None):
+    """Train each arm × seed with :func:`fit`, one by one, for measurements that need the
+    trained network (probes after training): yields ``(arm, seed, history, net, data)``,
+    ``data`` as the network reads it."""
+    for arm in (cfg.arms if arms is None else arms):
+        acfg = arm_config(cfg, arm)
+        data = acfg.model.inputs(load_data(acfg))
+        for seed in (cfg.seeds if seeds is None else seeds):
+            h = fit(acfg.model, train_spec(acfg), data, seed)
+            yield arm, seed, h, h.attrs.pop("model"), data
 
 
 def _stacked():
@@ -129,7 +144,7 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
         for group in by_rest.values():
             base = override(acfg, {k: v for k, v in group[0].items() if k != "train.lr"})
             data = load_data(base)
-            spec = _train_spec(base)
+            spec = train_spec(base)
             lrs = [p.get("train.lr", spec.lr) for p in group]
             extra = {column(k): v for k, v in group[0].items() if k != "train.lr"}
             if engine is not None and engine.supports(base.model, spec):

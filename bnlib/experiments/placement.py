@@ -25,7 +25,7 @@ from ..inference import evaluate
 from ..models import ACTIVATIONS, MLPSpec
 from ..probes import capture
 from ..protocol import Protocol, Tuning
-from ..train import TrainSpec, fit
+from ..train import TrainSpec
 from . import register
 
 __all__ = ["PlacementConfig", "placement", "placement_verdicts", "plot_placement",
@@ -174,15 +174,9 @@ def placement_saturation(cfg: SaturationConfig) -> pd.DataFrame:
     if cfg.model.activation != "tanh":
         raise ValueError("the saturation probe is written for tanh (bounds ±1)")
     rows = []
-    for arm in cfg.arms:
-        acfg = protocol.arm_config(cfg, arm)
-        data = acfg.model.inputs(protocol.load_data(acfg))
-        for seed in cfg.seeds:
-            h = fit(acfg.model, protocol._train_spec(acfg), data, seed)
-            net = h.attrs["model"]
-            acc = (1.0 / data.num_classes if h["diverged"].any()
-                   else evaluate(net, data.test)[1])
-            sat = saturated_fraction(net, data.test.x.to(next(net.parameters()).device), cfg.margin)
-            rows += [dict(arm=arm, seed=seed, layer=i + 1, saturated=s, test_accuracy=acc)
-                     for i, s in enumerate(sat)]
+    for arm, seed, h, net, data in protocol.trained(cfg):
+        acc = 1.0 / data.num_classes if h["diverged"].any() else evaluate(net, data.test)[1]
+        sat = saturated_fraction(net, data.test.x.to(next(net.parameters()).device), cfg.margin)
+        rows += [dict(arm=arm, seed=seed, layer=i + 1, saturated=s, test_accuracy=acc)
+                 for i, s in enumerate(sat)]
     return pd.DataFrame(rows)

@@ -190,19 +190,15 @@ def dropout_variance_shift(cfg: VarianceShiftConfig) -> pd.DataFrame:
     if cfg.model.depth < 2:
         raise ValueError("dropout before a BN needs depth ≥ 2 (the first layer gets no dropout)")
     rows = []
-    for arm in cfg.arms:
-        acfg = protocol.arm_config(cfg, arm)
-        data = acfg.model.inputs(protocol.load_data(acfg))
-        for seed in cfg.seeds:
-            net = fit(acfg.model, protocol._train_spec(acfg), data, seed).attrs["model"]
-            x = data.train.x.to(next(net.parameters()).device)
-            torch.manual_seed(seed)  # the dropout masks of the train-mode recomputation
-            naive = recompute_in_train_mode(copy.deepcopy(net), x)
-            exact = recompute_batchnorm_stats(copy.deepcopy(net), x)
-            for stats, m in (("running (as trained)", net), ("recomputed in train mode", naive),
-                             ("recomputed in eval mode", exact)):
-                rows.append(dict(arm=arm, seed=seed, stats=stats, variance_ratio=variance_ratio(m, x),
-                                 test_accuracy=evaluate(m, data.test)[1]))
+    for arm, seed, _, net, data in protocol.trained(cfg):
+        x = data.train.x.to(next(net.parameters()).device)
+        torch.manual_seed(seed)  # the dropout masks of the train-mode recomputation
+        naive = recompute_in_train_mode(copy.deepcopy(net), x)
+        exact = recompute_batchnorm_stats(copy.deepcopy(net), x)
+        for stats, m in (("running (as trained)", net), ("recomputed in train mode", naive),
+                         ("recomputed in eval mode", exact)):
+            rows.append(dict(arm=arm, seed=seed, stats=stats, variance_ratio=variance_ratio(m, x),
+                             test_accuracy=evaluate(m, data.test)[1]))
     return pd.DataFrame(rows)
 
 
@@ -234,7 +230,7 @@ def wd_weight_scaling(cfg: ScalingConfig) -> pd.DataFrame:
     data = cfg.model.inputs(protocol.load_data(cfg))
     rows = []
     for seed in cfg.seeds:
-        net = fit(cfg.model, protocol._train_spec(cfg), data, seed).attrs["model"]
+        net = fit(cfg.model, protocol.train_spec(cfg), data, seed).attrs["model"]
         dev = next(net.parameters()).device
         x, y = data.train.x[:cfg.probe_batch].to(dev), data.train.y[:cfg.probe_batch].to(dev)
         mid = len(net.blocks) // 2
@@ -276,7 +272,7 @@ def weight_decay_bn(cfg: WeightDecayConfig) -> pd.DataFrame:
     data = protocol.load_data(cfg)
     frames = []
     for wd in cfg.weight_decays:
-        spec = override(protocol._train_spec(cfg), {"weight_decay": wd})
+        spec = override(protocol.train_spec(cfg), {"weight_decay": wd})
         for seed in cfg.seeds:
             probe = HiddenWeightTracker(spec.lr, cfg.every)
             h = fit(cfg.model, spec, data, seed, callbacks=[probe])
