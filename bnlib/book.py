@@ -37,7 +37,12 @@ def setup() -> None:
     notebook and in the book; an inherited ``MPLBACKEND=Agg`` (common in CI and on
     headless servers) would silently drop every figure, so it is overridden here.
     """
+    import warnings
+
     from . import plots, runtime
+    # tqdm.auto (imported by some packages, e.g. mnist1d) warns in a kernel without
+    # ipywidgets; bnlib's own progress bars are off in a kernel anyway
+    warnings.filterwarnings("ignore", message="IProgress not found")
     _inline_figures()
     plots.set_theme()
     runtime.pin_process()

@@ -142,8 +142,9 @@ def test_activations_and_norm_kinds():
         assert type(net.blocks[0].act) is cls
     with pytest.raises(ValueError, match="activation"):
         models.mlp(4, 2, activation="swish")
-    assert isinstance(models.mlp(4, 2, norm="layer").blocks[0].norm, nn.LayerNorm)
-    assert isinstance(models.cnn(1, 2, channels=(8,), norm="layer").blocks[0].norm, nn.GroupNorm)
+    from bnlib.norms import GroupNorm, LayerNorm  # bnlib's own layer and group norm
+    assert isinstance(models.mlp(4, 2, norm="layer").blocks[0].norm, LayerNorm)
+    assert isinstance(models.cnn(1, 2, channels=(8,), norm="layer").blocks[0].norm, GroupNorm)
     with pytest.raises(ValueError, match="norm"):
         models.mlp(4, 2, norm="instance")
     with pytest.raises(ValueError, match="depth"):
