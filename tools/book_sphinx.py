@@ -13,6 +13,10 @@
    so ``-W`` builds still pass).  The copy is added to ``html_static_path`` here, not by
    putting it under ``_static/``: Jupyter Book would load every .js file found in
    ``_static/`` on every page.
+
+3. Notebooks executed by the tests.  The test run stores every chapter nbval executed in the
+   Jupyter cache (``conftest.py``); before reading, entries not made with today's bnlib, torch
+   and settings are removed (``tools/notebook_cache.py``), so only those chapters execute.
 """
 from __future__ import annotations
 
@@ -128,7 +132,26 @@ def _fix_page(app: Any, pagename: str, templatename: str, context: dict[str, Any
         context["default_mode"] = "auto"
 
 
+# ---------------------------------------------------------------------------- executed notebooks
+
+
+def _prune_notebook_cache(app: Any) -> None:
+    """Drop cached notebooks whose outputs today's code might not reproduce (see module doc)."""
+    import sys
+
+    from sphinx.util import logging
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import notebook_cache
+    finally:
+        sys.path.pop(0)
+    cache = Path(app.env.mystnb_config.execution_cache_path)
+    kept, removed = notebook_cache.prune(cache)
+    logging.getLogger(__name__).info("notebooks executed by the tests, reused: %d; stale, removed: %d", kept, removed)
+
+
 def setup(app: Any) -> dict[str, Any]:
     app.connect("config-inited", _use_local_mathjax)
+    app.connect("builder-inited", _prune_notebook_cache, priority=900)
     app.connect("html-page-context", _fix_page, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
