@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import notebook_cache  # noqa: E402
+import notebook_cache
 
 jupyter_cache = pytest.importorskip("jupyter_cache")
 

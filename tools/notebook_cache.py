@@ -22,8 +22,9 @@ import copy
 import importlib.metadata
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "_build" / ".jupyter_cache"      # where Jupyter Book looks (beside _build/html)
@@ -32,7 +33,10 @@ ENV_KEYS = ("BNLIB_SCALE", "BNLIB_THREADS", "BNLIB_DEVICE", "BNLIB_PROGRESS", "B
 
 def stamp() -> dict[str, Any]:
     """Everything besides a notebook's own code that decides its outputs."""
-    from bnlib.cache import code_hash   # bnlib's source files, hashed (the results cache's key)
+    from bnlib.cache import (
+        code_hash,  # bnlib's source files, hashed (the results cache's key)
+    )
+
     return {
         "bnlib_code": code_hash(),
         "torch": importlib.metadata.version("torch"),
