@@ -1,11 +1,13 @@
 """Time the standard sweep sequentially (``fit`` per run) and stacked (``fit_many`` per arm).
 
 The standard sweep: seeds × learning rates × two arms (plain and batch-normalised MLP,
-4 hidden layers of width 128) on digits, 300 steps of batch 64, evaluation on val and test
+4 hidden layers of width 64, the chapters' usual size: most MLP configs in
+``bnlib/experiments`` are 64 wide) on digits, 300 steps of batch 64, evaluation on val and test
 every 10 steps, with bnlib's thread policy (one thread unless ``$BNLIB_THREADS``).
 
-    python benchmarks/bench_runs.py            # the standard sweep (8 seeds × 5 lrs × 2 arms)
-    python benchmarks/bench_runs.py --quick    # a tiny version (a few seconds)
+    python benchmarks/bench_runs.py               # the standard sweep (8 seeds × 5 lrs × 2 arms)
+    python benchmarks/bench_runs.py --width 128   # wider layers: more arithmetic per operation
+    python benchmarks/bench_runs.py --quick       # a tiny version (a few seconds)
     python benchmarks/bench_runs.py --repeats 3
 
 Times are CPU seconds of this process (``time.process_time``) for the whole call (building,
@@ -32,12 +34,12 @@ from bnlib.stacked import Member, fit_many
 from bnlib.train import TrainSpec, fit
 
 
-def sweep(quick: bool) -> tuple[list[MLPSpec], TrainSpec, list[int], list[float]]:
+def sweep(quick: bool, width: int = 64) -> tuple[list[MLPSpec], TrainSpec, list[int], list[float]]:
     if quick:
         arms = [MLPSpec(depth=2, width=32, norm=n) for n in ("none", "batch")]
         return arms, TrainSpec(steps=40, batch_size=64, eval_every=10, device="cpu"), \
             [0, 1, 2, 3], [0.03, 0.1]
-    arms = [MLPSpec(depth=4, width=128, norm=n) for n in ("none", "batch")]
+    arms = [MLPSpec(depth=4, width=width, norm=n) for n in ("none", "batch")]
     return (arms, TrainSpec(steps=300, batch_size=64, eval_every=10, device="cpu"),
             list(range(8)), [0.01, 0.03, 0.1, 0.3, 1.0])
 
@@ -67,15 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny sweep (seconds)")
     ap.add_argument("--repeats", type=int, default=1, help="timings per way (median reported)")
+    ap.add_argument("--width", type=int, default=64, help="hidden width of the MLPs (default 64)")
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        print("error: --repeats must be ≥ 1", file=sys.stderr)
+    if args.repeats < 1 or args.width < 1:
+        print("error: --repeats and --width must be ≥ 1", file=sys.stderr)
         return 2
-    arms, spec, seeds, lrs = sweep(args.quick)
+    arms, spec, seeds, lrs = sweep(args.quick, args.width)
     data = datasets.load("digits")
     runs = len(arms) * len(seeds) * len(lrs)
     print(f"{provenance.device_name(torch.device('cpu'))}, torch {torch.__version__}, {runtime.threads()} thread(s)")
-    print(f"sweep: {len(arms)} arms × {len(lrs)} lrs × {len(seeds)} seeds = {runs} runs, "
+    print(f"sweep: {len(arms)} arms of depth {arms[0].depth}, width {arms[0].width} × {len(lrs)} lrs "
+          f"× {len(seeds)} seeds = {runs} runs, "
           f"{spec.steps} steps, batch {spec.batch_size}, eval every {spec.eval_every}")
     seq_t, bat_t = [], []
     for r in range(args.repeats):
