@@ -92,17 +92,6 @@ def _channel_sum(t: Tensor, mean: bool = False) -> Tensor:
     return t.mean(channel_dims(t)) if mean else t.sum(channel_dims(t))
 
 
-def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ a · b`` per channel in one call (``torch.linalg.vecdot``: the product and the sum
-    without a Python round trip between them), ``a`` and ``b`` of the same shape."""
-    if a.dim() == 2:
-        return torch.linalg.vecdot(a, b, dim=0)
-    if a.is_contiguous() and b.is_contiguous() and a.numel() > 0:
-        n, c = a.shape[:2]
-        return torch.linalg.vecdot(a.view(n * c, -1), b.view(n * c, -1), dim=1).view(n, c).sum(0)
-    return (a * b).sum(channel_dims(a))
-
-
 def _reference_point(x: Tensor) -> Tensor:
     """A cheap per-channel value ``K`` near the batch mean: the first example (for
     ``(N, C, ...)`` inputs, the mean over its positions). It costs nothing (a view) or
@@ -186,7 +175,8 @@ class _BatchNormFunction(torch.autograd.Function):
         xk, d, invstd, scale = ctx.saved_tensors   # x̂ = (xk − d) · invstd, scale = γ · invstd
         n = xk.numel() // xk.shape[1]
         dbias = _channel_sum(dout)                                                # Σ dy
-        dweight = torch.addcmul(_channel_dot(dout, xk), d, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
+        prod = dout * xk
+        dweight = torch.addcmul(_channel_sum(prod), d, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂)). Expanding x̂ makes it
@@ -195,7 +185,8 @@ class _BatchNormFunction(torch.autograd.Function):
             k_n = scale * (-1.0 / n)                                              # −k / n
             c1 = (k_n * invstd).mul_(dweight)
             c0 = torch.addcmul(k_n * dbias, d, c1, value=-1)
-            dx = _affine(dout, scale, c0).addcmul_(xk, _broadcast(c1, xk))
+            dx = _affine(dout, scale, c0, out=prod)   # prod is spent: reuse its memory
+            dx.addcmul_(xk, _broadcast(c1, xk))
         return dx, dweight, dbias, None, None, None, None
 
 
