@@ -35,8 +35,7 @@ from torch import Tensor
 __all__ = ["batch_norm", "channel_dims", "eval_scale_shift", "apply_scale_shift"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_REPEAT_MIN = 1 << 16  # elements from which _affine repeats the vectors to (C, B)
-_BLOCK = 128  # floats per repeated block: two small operands stay in cache, loops stay long
+_REPEAT_MIN = 1 << 16  # elements from which _affine repeats the vectors to (C, L)
 
 
 def channel_dims(x: Tensor) -> tuple[int, ...]:
@@ -50,15 +49,11 @@ def _broadcast(v: Tensor, x: Tensor) -> Tensor:
 
 
 def _per_channel(v: Tensor, x: Tensor) -> Tensor:
-    """``v`` of shape ``(C,)`` repeated into one block of ``B`` contiguous values per
-    channel, a ``(C, 1, B)`` tensor, for a contiguous ``x`` ``(N, C, ...)`` whose ``L``
-    positions per channel split into blocks of ``B = 128`` (otherwise ``B = L``). It
-    broadcasts against ``x`` viewed as ``(N, C, L / B, B)`` along *outer* dimensions only,
-    and at 512 bytes per channel it stays in cache while ``x`` streams past."""
+    """``v`` of shape ``(C,)`` repeated along the trailing dims of a contiguous ``x``
+    ``(N, C, ...)``: a ``(C, L)`` tensor (one example's worth of memory), so that it
+    broadcasts against ``x`` viewed as ``(N, C, L)`` along the *outer* dimension only."""
     c = x.shape[1]
-    positions = x[0].numel() // c
-    block = _BLOCK if positions % _BLOCK == 0 else positions
-    return v.view(c, 1, 1).expand(c, 1, block).contiguous()
+    return v.view(c, 1).expand(c, x[0].numel() // c).contiguous()
 
 
 def _affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) -> Tensor:
@@ -70,17 +65,16 @@ def _affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) 
     dimensions, which PyTorch's CPU kernels vectorise. For contiguous ``(N, C, L)`` and
     ``(N, C, H, W)`` inputs they would broadcast along the contiguous last dimension, where
     a three-operand kernel with two broadcast operands falls back to scalar code; so they
-    are first repeated to ``(C, 1, B)`` blocks (:func:`_per_channel`, small) and ``x`` is
-    viewed as ``(N, C, L / B, B)``. Small inputs (where the two extra calls cost more than the pass they
+    are first repeated to ``(C, L)`` (:func:`_per_channel`, small) and ``x`` is viewed as
+    ``(N, C, L)``. Small inputs (where the two extra calls cost more than the pass they
     save) and other layouts: a multiply and an in-place add.
     """
     if x.dim() == 2 or x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
         return torch.addcmul(_broadcast(shift, x), x, _broadcast(scale, x), out=out)
     if x.numel() >= _REPEAT_MIN and x.is_contiguous() and (out is None or out.is_contiguous()):
-        scale, shift = _per_channel(scale, x), _per_channel(shift, x)
-        blocks = x.shape[:2] + (-1, scale.shape[-1])                  # (N, C, L / B, B)
-        res = torch.addcmul(shift, x.view(blocks), scale,
-                            out=None if out is None else out.view(blocks))
+        n, c = x.shape[:2]
+        res = torch.addcmul(_per_channel(shift, x), x.view(n, c, -1), _per_channel(scale, x),
+                            out=None if out is None else out.view(n, c, -1))
         return res.view(x.shape)
     return torch.mul(x, _broadcast(scale, x), out=out).add_(_broadcast(shift, x))
 
