@@ -23,6 +23,7 @@ Usage::
     OMP_NUM_THREADS=2 python benchmarks/bench_batchnorm.py --threads 2 --csv run2.csv
     python benchmarks/bench_batchnorm.py --summarize run1.csv run2.csv ...  # medians of runs
     python benchmarks/bench_batchnorm.py --device cuda --repeats 200
+    python benchmarks/bench_batchnorm.py --breakdown --repeats 60  # where the time goes
 
 It prints Markdown tables (times in microseconds; ratio = implementation / native, below 1
 means faster than torch's kernel).
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", choices=["full", "tiny"], default="full",
                    help="full: the (256, 512) and (64, 64, 32, 32) inputs; tiny: a quick check")
     p.add_argument("--csv", help="also write the results (one row per entry) to this CSV")
+    p.add_argument("--breakdown", action="store_true",
+                   help="print where an MLP training step's CPU time goes (native vs bnlib)")
     p.add_argument("--summarize", nargs="+", metavar="CSV",
                    help="print the median over earlier runs' CSVs instead of timing")
     args = p.parse_args(argv)
@@ -120,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
             print(goal_table(g))
             print()
             print(teaching_table(g))
+        return 0
+    if args.breakdown:
+        torch.set_num_threads(args.threads)
+        for label, shape in (B.SHAPES if args.shapes == "full" else B.TINY_SHAPES).items():
+            df = B.cost_breakdown(shape, repeats=max(args.repeats, 4))
+            print(f"\n{label}: CPU µs per training step (median of {max(args.repeats, 4)})\n")
+            print("| entry | µs |\n|---|---:|")
+            for row in df.itertuples():
+                print(f"| {row.entry} | {row.median_us:.0f} |")
         return 0
     if args.repeats < 4:
         p.error("--repeats must be at least 4 (quartiles)")

@@ -35,7 +35,7 @@ from . import reference
 
 __all__ = ["AutogradBatchNorm", "NumpyBatchNorm", "NumpyBatchNormLayer", "IMPLEMENTATIONS", "SHAPES", "TINY_SHAPES",
            "PASSES", "time_interleaved", "compare", "comparison_table", "saved_bytes",
-           "memory_table", "op_count"]
+           "memory_table", "op_count", "cost_breakdown"]
 
 SHAPES: dict[str, tuple[int, ...]] = {
     "MLP (256, 512)": (256, 512),
@@ -346,3 +346,63 @@ def memory_table(shapes: Mapping[str, tuple[int, ...]] | None = None) -> pd.Data
     native = df[df["implementation"] == "native"].set_index("input")["saved_bytes"]
     df["ratio"] = df["saved_bytes"] / df["input"].map(native)
     return df
+
+
+class _Ctx:
+    """Stands in for autograd's ``ctx`` so that :func:`cost_breakdown` can call bnlib's
+    forward and backward bodies directly, without the autograd machinery around them."""
+
+    needs_input_grad = (True, True, True, False, False, False, False)
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        self.saved_tensors = tensors
+
+
+def cost_breakdown(shape: tuple[int, ...] = (256, 512), *, repeats: int = 60,
+                   warmup: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Where a training forward + backward step's CPU time goes, native against bnlib.
+
+    Times, interleaved (:func:`time_interleaved`, one thread as set by the caller), with
+    a fixed random input and upstream gradient of ``shape``:
+
+    * ``native step`` / ``bnlib step``: the layer's forward and backward through autograd
+      (the ``train fwd+bwd`` entry of :func:`compare`);
+    * ``native kernels``: ``torch.native_batch_norm`` and its backward, called directly;
+    * ``bnlib arithmetic``: bnlib's forward and backward bodies (statistics, output,
+      running statistics, closed-form gradients) called directly, no autograd, no module;
+    * ``bnlib arithmetic, batch of 2``: the same calls on a ``(2, C, ...)`` input, where the
+      data is too small to cost anything: what bnlib's sequence of tensor operations costs
+      in dispatch alone.
+
+    Returns one row per entry with the median CPU µs.
+    """
+    from . import functional as bf
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    dy = torch.randn(shape, generator=g)
+    small = torch.randn((2,) + tuple(shape[1:]), generator=g)
+    c = shape[1]
+    w, b = torch.ones(c), torch.zeros(c)
+    rm, rv = torch.zeros(c), torch.ones(c)
+
+    def kernels() -> None:
+        out, mean, invstd = torch.native_batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)
+        torch.ops.aten.native_batch_norm_backward(dy, x, w, rm, rv, mean, invstd, True, 1e-5,
+                                                  [True, True, True])
+
+    def bodies(inp: Tensor, grad: Tensor) -> Callable[[], None]:
+        def run() -> None:
+            ctx = _Ctx()
+            bf._BatchNormFunction.forward(ctx, inp, w, b, rm, rv, 0.1, 1e-5)
+            bf._BatchNormFunction.backward(ctx, grad)
+        return run
+
+    fns = {"native step": _step("native", shape, "train fwd+bwd", torch.device("cpu")),
+           "native kernels": kernels,
+           "bnlib step": _step("bnlib", shape, "train fwd+bwd", torch.device("cpu")),
+           "bnlib arithmetic": bodies(x, dy),
+           "bnlib arithmetic, batch of 2": bodies(small, torch.randn_like(small))}
+    times = time_interleaved(fns, repeats=repeats, warmup=warmup, seed=seed)
+    return pd.DataFrame([{"entry": k, "median_us": statistics.median(v) * 1e6}
+                         for k, v in times.items()])

@@ -79,6 +79,19 @@ def _affine(x: Tensor, scale: Tensor, shift: Tensor, out: Tensor | None = None) 
     return torch.mul(x, _broadcast(scale, x), out=out).add_(_broadcast(shift, x))
 
 
+def _channel_sum(t: Tensor, mean: bool = False) -> Tensor:
+    """The sum (or mean) of ``t`` over every dimension except the channel dim 1.
+
+    For contiguous ``(N, C, L)`` / ``(N, C, H, W)`` inputs it first reduces each
+    ``(example, channel)`` row, which is contiguous, then the ``N`` rows of each channel:
+    on the CPU that takes half the time of one reduction over ``(0, 2, 3)``."""
+    if t.dim() > 2 and t.is_contiguous() and t.numel() > 0:
+        n, c = t.shape[:2]
+        rows = t.view(n * c, -1)
+        t = (rows.mean(1) if mean else rows.sum(1)).view(n, c)
+    return t.mean(channel_dims(t)) if mean else t.sum(channel_dims(t))
+
+
 def _reference_point(x: Tensor) -> Tensor:
     """A cheap per-channel value ``K`` near the batch mean: the first example (for
     ``(N, C, ...)`` inputs, the mean over its positions). It costs nothing (a view) or
@@ -104,17 +117,16 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     row is read as a squared Euclidean norm (``vector_norm`` along the contiguous last
     dimension: one pass, no temporary); ``(N, C)`` inputs square into a buffer and average.
     """
-    dims = channel_dims(x)
     k = _reference_point(x)
     xk = x - _broadcast(k, x)
-    d = xk.mean(dims)
+    d = _channel_sum(xk, mean=True)
     if x.dim() > 2 and xk.is_contiguous() and xk.numel() > 0:
         n, c = x.shape[:2]
         rows = torch.linalg.vector_norm(xk.view(n * c, -1), dim=1)     # √Σ xk² per row
         msq, sq = rows.square_().view(n, c).sum(0).div_(xk.numel() // c), None
     else:
         sq = xk.square()
-        msq = sq.mean(dims)
+        msq = sq.mean(channel_dims(x))
     var = torch.addcmul(msq, d, d, value=-1).clamp_(min=0)   # − d²
     return xk, sq, d, var, k
 
@@ -161,11 +173,10 @@ class _BatchNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
         xk, d, invstd, scale = ctx.saved_tensors   # x̂ = (xk − d) · invstd, scale = γ · invstd
-        dims = channel_dims(xk)
         n = xk.numel() // xk.shape[1]
-        dbias = dout.sum(dims)                                                    # Σ dy
+        dbias = _channel_sum(dout)                                                # Σ dy
         prod = dout * xk
-        dweight = torch.addcmul(prod.sum(dims), d, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
+        dweight = torch.addcmul(_channel_sum(prod), d, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
         dx = None
         if ctx.needs_input_grad[0]:
             # dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂)). Expanding x̂ makes it
@@ -174,7 +185,7 @@ class _BatchNormFunction(torch.autograd.Function):
             k_n = scale * (-1.0 / n)                                              # −k / n
             c1 = (k_n * invstd).mul_(dweight)
             c0 = torch.addcmul(k_n * dbias, d, c1, value=-1)
-            dx = _affine(dout, scale, c0, out=prod)
+            dx = _affine(dout, scale, c0, out=prod)   # prod is spent: reuse its memory
             dx.addcmul_(xk, _broadcast(c1, xk))
         return dx, dweight, dbias, None, None, None, None
 

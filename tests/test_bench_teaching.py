@@ -121,3 +121,11 @@ def test_op_count_of_a_training_step_stays_small():
     assert ours["forward"] + ours["backward"] <= 32
     assert ours["forward"] + ours["backward"] < d2l["forward"] + d2l["backward"]
     assert native["forward"] + native["backward"] < ours["forward"] + ours["backward"]
+
+
+def test_cost_breakdown_entries():
+    """The breakdown times every entry (quick: a tiny input, four repeats)."""
+    df = B.cost_breakdown((8, 4), repeats=4, warmup=1)
+    assert list(df["entry"]) == ["native step", "native kernels", "bnlib step",
+                                 "bnlib arithmetic", "bnlib arithmetic, batch of 2"]
+    assert (df["median_us"] > 0).all()
