@@ -25,10 +25,11 @@ from . import progress
 from .config import override
 from .experiments import Config
 from .models import CNNSpec, MLPSpec
+from .probes import Probe, WeightNormTracker
 from .train import TrainSpec, fit
 
 __all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "tuned", "trained",
-           "rows", "column"]
+           "rows", "column", "HiddenWeightNorms"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,13 @@ def _default_arms() -> dict[str, dict[str, Any]]:
 class Protocol(Config):
     """An experiment on the protocol: data, model, training, arms, seeds and tuning."""
 
-    data: str = "digits"
+    data: str = "digits"              # ships with scikit-learn: no download
     preprocessing: str = "scaled"
     n_train: int | None = None
     model: MLPSpec | CNNSpec = MLPSpec()
     train: TrainSpec = TrainSpec()
     arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
-    seeds: tuple[int, ...] = tuple(range(8))
+    seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds: the house minimum for a reported claim
     tuning: Tuning = Tuning()
 
 
@@ -105,6 +106,20 @@ def trained(cfg: Protocol, *, arms: Sequence[str] | None = None,
         for seed in (cfg.seeds if seeds is None else seeds):
             h = fit(acfg.model, train_spec(acfg), data, seed)
             yield arm, seed, h, h.attrs.pop("model"), data
+
+
+class HiddenWeightNorms(Probe):
+    """:class:`bnlib.probes.WeightNormTracker` (as ``.tracker``) on every hidden layer of the
+    network that :func:`fit` builds (its layers exist only once training starts)."""
+
+    def __init__(self, lr: float = 1.0, every: int = 25) -> None:
+        self.lr, self.every, self.tracker = lr, every, None
+
+    def on_train_start(self, model) -> None:
+        self.tracker = WeightNormTracker([b.layer for b in model.blocks], lr=self.lr, every=self.every)
+
+    def __call__(self, info) -> None:
+        self.tracker(info)
 
 
 def _stacked():

@@ -28,8 +28,6 @@ from ..protocol import Protocol, Tuning, arm_config, load_data, rows, tuned
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["DepthConfig", "depth_sweep", "finals", "gradient_profile", "growth_per_layer", "plot"]
-
 
 def _arms() -> dict[str, dict[str, Any]]:
     return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"},

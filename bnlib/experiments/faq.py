@@ -38,11 +38,6 @@ from ..protocol import Protocol, Tuning, load_data, rows, tuned
 from ..train import TrainSpec, fit
 from . import register
 
-__all__ = ["GlanceConfig", "HyperConfig", "RunningStatsProbe", "bn_at_a_glance",
-           "bn_hyperparameters", "usable_rates", "hyper_comparisons", "KERAS_DEFAULTS",
-           "torch_defaults", "keras_update", "momentum_conventions", "half_life", "plot_glance",
-           "plot_hyper"]
-
 #: Keras ``BatchNormalization`` defaults (keras.io documentation): ``momentum`` is the
 #: weight of the *old* moving value, ``moving = moving·momentum + batch·(1 − momentum)``.
 KERAS_DEFAULTS = {"momentum": 0.99, "epsilon": 1e-3}
@@ -151,6 +146,7 @@ def usable_rates(df: pd.DataFrame, target: float) -> pd.DataFrame:
 def plot_glance(df: pd.DataFrame, ax=None):
     """Validation accuracy against step for each arm at its tuned learning rate (mean ± sd)."""
     import matplotlib.pyplot as plt
+
     from .. import plots
     ax = ax or plt.gca()
     rep = rows(df, "history")

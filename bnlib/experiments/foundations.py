@@ -44,15 +44,6 @@ from ..timing import paired_ratio, time_interleaved
 from ..train import StepInfo, TrainSpec, fit
 from . import Config, register
 
-__all__ = [
-    "relative_error", "autograd_batchnorm_grads", "backward_without_variance_path",
-    "backward_peak_memory", "BackwardTimingConfig", "backward_timing", "timing_speedups",
-    "plot_backward_timing", "feature_distributions", "sigmoid_linear_r2", "ema",
-    "statistics_error", "EMATracker", "InferenceStatsConfig", "inference_statistics",
-    "plot_inference_statistics", "method_order",
-]
-
-
 # --- chapter 2: gradients ------------------------------------------------------------------
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -34,11 +34,6 @@ from ..protocol import Protocol, runs
 from ..train import StepInfo, TrainSpec, resolve_device, seeded
 from . import Config, register, sweep
 
-__all__ = ["landscape_probe", "LandscapeProbe", "GradNormTracker", "gradient_fluctuation",
-           "LandscapeConfig", "landscape", "ExplosionConfig", "grad_explosion", "growth_rates",
-           "RELU_BN_RATE", "at_matched_loss", "plot_landscape", "plot_gradient_norms",
-           "plot_explosion", "LABELS"]
-
 #: Readable axis labels for the measured columns.
 LABELS = {
     "loss_range": "loss range along the step\n(max − min of L over the line)",

@@ -38,9 +38,6 @@ from ..protocol import Protocol, Tuning, arm_config, load_data, runs
 from ..train import TrainSpec, fit
 from . import register
 
-__all__ = ["IOSpec", "IOConfig", "input_output", "ARMS", "train_one", "expected_calibration_error",
-           "reliability", "input_gains", "extreme_inputs", "final_table", "plot_input_output"]
-
 ARMS = ("no extra BN", "input BN", "output BN (affine)", "output BN (no affine)")
 
 

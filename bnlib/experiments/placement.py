@@ -28,9 +28,6 @@ from ..protocol import Protocol, Tuning
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["PlacementConfig", "placement", "placement_verdicts", "plot_placement",
-           "SaturationConfig", "placement_saturation", "saturated_fraction"]
-
 
 def _arms() -> dict[str, dict[str, Any]]:
     return {"BN": {"model.placement": "before"}, "BN after": {"model.placement": "after"}}

@@ -34,12 +34,6 @@ from ..protocol import Protocol, Tuning
 from ..train import TrainSpec, fit
 from . import register
 
-__all__ = ["variance_ratio", "dropout_disabled", "recompute_in_train_mode",
-           "weight_scaling_check", "HiddenWeightTracker", "dose", "VarianceShiftConfig",
-           "dropout_variance_shift", "ScalingConfig", "wd_weight_scaling", "WeightDecayConfig",
-           "weight_decay_bn", "GridConfig", "regularizer_grid", "grid_verdicts"]
-
-
 # --- measurements ---------------------------------------------------------------------
 
 @torch.no_grad()

@@ -29,9 +29,6 @@ from ..protocol import Protocol, Tuning, rows, runs
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["LogisticRegression", "LogRegSpec", "ShallowConfig", "shallow_nets", "as_of",
-           "choices", "reported", "plot_shallow", "rows"]
-
 
 class LogisticRegression(nn.Module):
     """Multinomial logistic regression ``x ↦ W x + b``, optionally after a batch norm on the
@@ -134,6 +131,7 @@ def reported(df: pd.DataFrame, cfg: ShallowConfig, horizon: int) -> pd.DataFrame
 def plot_shallow(df: pd.DataFrame):
     """Validation accuracy over steps, reported seeds, each arm at its final-horizon choice."""
     import matplotlib.pyplot as plt
+
     from ..plots import draw_curves
     cfg = df.attrs.get("config") or ShallowConfig()
     pick = choices(rows(df, "tuning"), cfg)

@@ -33,9 +33,6 @@ from ..nn import BatchNorm1d, batchnorm_layers
 from ..train import resolve_device, seeded, train
 from . import Config, register
 
-__all__ = ["CNN1d", "ShiftConfig", "shifted", "adapt_batchnorm_stats", "grouped_accuracy",
-           "bn_under_shift", "plot_severity", "plot_batch_size", "SHIFT_KINDS"]
-
 SHIFT_KINDS = ("noise", "contrast", "offset")
 
 

@@ -39,11 +39,6 @@ from ..protocol import Protocol, Tuning, arm_config, load_data, rows, runs
 from ..train import TrainSpec, fit
 from . import register
 
-__all__ = ["SmallBatchConfig", "NonIIDConfig", "small_batches", "non_iid_batches",
-           "class_sorted_batches", "two_sample_normalisation", "pooled_values", "final_table",
-           "plot_small_batches", "plot_non_iid"]
-
-
 # --- the mechanics --------------------------------------------------------------------
 
 def two_sample_normalisation(num_features: int = 6, *, seed: int = 0, eps: float = 1e-5) -> Tensor:
@@ -105,7 +100,6 @@ def class_sorted_batches(labels: Tensor, *, shuffle_blocks: bool = True
                 yield blocks[j]
 
     return sampler
-
 
 
 def _evaluations(net, data, *, norm: str, batch_size: int, diverged: bool,
@@ -269,6 +263,7 @@ def plot_small_batches(df: pd.DataFrame, ax=None):
     BN with precise statistics and with batch statistics added."""
     import matplotlib.pyplot as plt
     import seaborn as sns
+
     from .. import plots
     ax = ax or plt.gca()
     f = df[df["kind"] == "final"].copy()
