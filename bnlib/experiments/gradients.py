@@ -186,28 +186,33 @@ def at_matched_loss(df: pd.DataFrame, lo: float, hi: float,
     return runs.merge(med.reset_index(), on=["arm", "seed"], how="left").fillna({"n": 0})
 
 
+def _draw_runs(d: pd.DataFrame, x: str, y: str, ax, xlabel: str):
+    """Mean over seeds per arm with the min–max range as a band (it stays positive on the
+    log scale), log y, labelled from :data:`LABELS`."""
+    from .. import plots
+    plots.draw_curves(d, x=x, y=y, split=None, errorbar=("pi", 100), logy=True, ax=ax)
+    ax.set(ylabel=LABELS.get(y, y) + " (log)", xlabel=xlabel)
+    return ax
+
+
 def plot_landscape(df: pd.DataFrame, metric: str, *, x: str = "step", ax=None, title: str | None = None):
     """One landscape metric of the probes against ``x`` (``"step"``: mean over seeds with
-    the min–max range as a band, which stays positive on the log scale; ``"loss"``: every
-    probe as a point, to compare arms at equal training loss); log y."""
+    the min–max range as a band; ``"loss"``: every probe as a point, to compare arms at
+    equal training loss); log y."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-    ax = ax or plt.gca()
+
     from .. import plots
+    ax = ax or plt.gca()
     p = df[df["record"] == "probe"]
-    pal = {a: plots.color(a) for a in p["arm"].unique()}
     if x == "step":
-        sns.lineplot(data=p, x="step", y=metric, hue="arm", errorbar=("pi", 100), ax=ax, palette=pal,
-                     marker="o")
+        _draw_runs(p, "step", metric, ax, "training step")
     else:
-        sns.scatterplot(data=p[p["step"] > 1], x=x, y=metric, hue="arm", ax=ax, palette=pal)
-        ax.set_xscale("log")
+        sns.scatterplot(data=p[p["step"] > 1], x=x, y=metric, hue="arm", ax=ax,
+                        palette={a: plots.color(a) for a in p["arm"].unique()})
+        ax.set(xscale="log", yscale="log", ylabel=LABELS.get(metric, metric) + " (log)",
+               xlabel="training loss at the probe (falls to the right)")
         ax.invert_xaxis()
-        ax.set_xlabel("training loss at the probe (falls to the right)")
-    ax.set_yscale("log")
-    ax.set_ylabel(LABELS.get(metric, metric) + " (log)")
-    if x == "step":
-        ax.set_xlabel("training step")
     if title:
         ax.set_title(title)
     return ax
@@ -217,16 +222,8 @@ def plot_gradient_norms(df: pd.DataFrame, ax=None):
     """‖g_t‖ at every step (``record == "gradnorm"``): mean over seeds with the min–max
     range as a band, log y."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
-    ax = ax or plt.gca()
-    g = df[df["record"] == "gradnorm"]
-    from .. import plots
-    sns.lineplot(data=g, x="step", y="grad_norm", hue="arm", errorbar=("pi", 100), ax=ax,
-                 palette={a: plots.color(a) for a in g["arm"].unique()}, lw=1)
-    ax.set_yscale("log")
-    ax.set_ylabel(LABELS["grad_norm"] + " (log)")
-    ax.set_xlabel("training step")
-    return ax
+    return _draw_runs(df[df["record"] == "gradnorm"], "step", "grad_norm", ax or plt.gca(),
+                      "training step")
 
 
 def _landscape_axes(df: pd.DataFrame):
@@ -352,16 +349,8 @@ def plot_explosion(df: pd.DataFrame, activation: str, ax=None, value: str = "rel
     """Per-layer relative gradient at initialisation for one activation (mean over seeds,
     band = min–max range), input layer on the left, log y."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from .. import plots
-    ax = ax or plt.gca()
-    d = df[df["activation"] == activation]
-    sns.lineplot(data=d, x="layer", y=value, hue="arm", errorbar=("pi", 100), ax=ax,
-                 palette={a: plots.color(a) for a in d["arm"].unique()})
-    ax.set_yscale("log")
-    ax.set_ylabel(LABELS.get(value, value) + " (log)")
-    ax.set_xlabel("layer l (0 = input side)")
+    ax = _draw_runs(df[df["activation"] == activation], "layer", value, ax or plt.gca(),
+                    "layer l (0 = input side)")
     ax.set_title(f"{activation}, at initialisation")
     return ax
 
