@@ -81,8 +81,7 @@ def init(cfg: InitConfig) -> pd.DataFrame:
 def scheme_finals(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """Per (scheme, arm, seed) of the reported runs: final accuracy at the tuned rate; a
     diverged run scores chance (0.1), never a stale number."""
-    f = analysis.final(rows(df), split=split, keys=["scheme", "arm", "lr", "seed"])
-    return f.assign(accuracy=f["accuracy"].fillna(0.1))
+    return analysis.final(rows(df), split=split, keys=["scheme", "arm", "lr", "seed"], diverged_value=0.1)
 
 
 def scale_times(df: pd.DataFrame, target: float) -> pd.DataFrame:
