@@ -244,12 +244,6 @@ class TimeRatio:
 
     __str__ = describe
 
-    def row(self) -> dict:
-        """The verdict and its numbers as one table row (``verdict, mean, ci_low, ci_high,
-        p, p_tost``)."""
-        return dict(verdict=self.verdict, mean=self.diff.mean, ci_low=self.diff.ci_low,
-                    ci_high=self.diff.ci_high, p=self.p, p_tost=self.p_tost)
-
 
 def time_ratio(ttt: pd.DataFrame, a: str, b: str, *, arm: str = "arm",
                pair_on: Sequence[str] = ("seed",), confidence: float = 0.95) -> TimeRatio:
@@ -389,6 +383,12 @@ class Comparison:
                 f"{self.reason}")
 
     __str__ = describe
+
+    def row(self) -> dict:
+        """The verdict and its numbers as one table row (``verdict, mean, ci_low, ci_high,
+        p, p_tost``)."""
+        return dict(verdict=self.verdict, mean=self.diff.mean, ci_low=self.diff.ci_low,
+                    ci_high=self.diff.ci_high, p=self.p, p_tost=self.p_tost)
 
 
 def _verdict(diff: Diff, p: float, p_tost: float, alpha: float, higher_is_better: bool,
