@@ -128,20 +128,14 @@ def input_gains(model: nn.Module, x_test: Tensor | None = None) -> pd.DataFrame:
 
 # --- the experiment -------------------------------------------------------------------------
 
-def _io_arms() -> dict:
-    return {a: {"model.extra": a} for a in ARMS}
-
-
 @dataclass(frozen=True)
 class IOConfig(Protocol):
     """Extra BN on the input or on the logits of a 2×128 BN MLP on raw digits."""
 
-    data: str = "digits"                               # ships with scikit-learn: no download
     preprocessing: str = "raw"                         # pixels 0–16: input BN sees the raw scale
     model: IOSpec = IOSpec()                           # a 2×128 BN MLP (torch's BN: same arithmetic, faster)
     train: TrainSpec = TrainSpec(steps=200, batch_size=32, eval_every=200)  # one evaluation, at the end
-    arms: dict = field(default_factory=_io_arms)
-    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum
+    arms: dict = field(default_factory=lambda: {a: {"model.extra": a} for a in ARMS})
     tuning: Tuning = Tuning(grid=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0), seeds=(1000, 1001), metric="loss")  # val loss
     n_bins: int = 15                                   # ECE bins (Guo et al.'s 15)
     margin: float = 0.03                               # smallest test-accuracy difference that matters
@@ -229,18 +223,17 @@ def final_table(df: pd.DataFrame, value: str) -> pd.DataFrame:
 def plot_input_output(df: pd.DataFrame, axes: Sequence | None = None):
     """Three panels, each arm at its tuned LR (mean ± sd over seeds): test accuracy, test
     loss, expected calibration error."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
-    if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+
+    from .. import plots
+    axes = plots.new_axes(3, width=5.0, height=4.0)[1][0] if axes is None else axes
     b = df[df["kind"] == "final"]
     order = [a for a in ARMS if a in set(b["arm"])]
     for ax, col, title in zip(axes, ("accuracy", "loss", "ece"),
                               ("Test accuracy", "Test loss (cross-entropy)", "Expected calibration error")):
         sns.barplot(data=b, x="arm", y=col, order=order, errorbar=("sd", 1), ax=ax)
         sns.stripplot(data=b, x="arm", y=col, order=order, color="k", size=4, ax=ax)
-        ax.set_title(title)
-        ax.set_xlabel("")
+        ax.set(title=title, xlabel="")
         ax.tick_params(axis="x", rotation=20)
     axes[0].set_ylim(0.8, 1.0)
     return axes[0].figure

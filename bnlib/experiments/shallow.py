@@ -130,20 +130,17 @@ def reported(df: pd.DataFrame, cfg: ShallowConfig, horizon: int) -> pd.DataFrame
 
 def plot_shallow(df: pd.DataFrame):
     """Validation accuracy over steps, reported seeds, each arm at its final-horizon choice."""
-    import matplotlib.pyplot as plt
-
-    from ..plots import draw_curves
+    from ..plots import draw_curves, facets
     cfg = df.attrs.get("config") or ShallowConfig()
     pick = choices(rows(df, "tuning"), cfg)
     hist = rows(df, "history").merge(pick[pick["horizon"] == cfg.train.steps][["data", "arm", "lr"]])
-    names = list(dict.fromkeys(hist["data"]))
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), constrained_layout=True,
-                             squeeze=False)
-    for ax, name in zip(axes[0], names):
+
+    def draw(name, ax):
         draw_curves(hist[(hist["data"] == name) & (hist["step"] > 0)], split="val", ax=ax, title=name)
         ax.axvline(cfg.early_step, color="k", lw=0.8, ls=":")
         ax.set_ylabel("val accuracy")
-    return fig
+
+    return facets(dict.fromkeys(hist["data"]), draw, width=5.5)
 
 
 @register("shallow_nets", ShallowConfig, title="Shallow nets: BN vs standardised inputs",
