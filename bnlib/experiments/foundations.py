@@ -14,10 +14,7 @@ Two registered experiments:
   (:func:`bnlib.inference.evaluate`). A probe (:class:`EMATracker`) records how far the
   running statistics are from those of the whole training set as training goes on.
 
-And the chapters' small helpers: :func:`relative_error`, :func:`autograd_batchnorm_grads`,
-:func:`backward_without_variance_path` (a deliberately wrong backward),
-:func:`backward_peak_memory`, :func:`feature_distributions`, :func:`sigmoid_linear_r2`,
-:func:`ema` (both momentum conventions) and :func:`statistics_error`.
+And the chapters' small helpers (gradient checks, memory, distributions, moving averages).
 """
 from __future__ import annotations
 
@@ -164,10 +161,8 @@ def timing_speedups(df: pd.DataFrame) -> pd.DataFrame:
 def plot_backward_timing(df: pd.DataFrame, axes=None):
     """Left: median ms per call against N·D per implementation (bars: interquartile range over
     repeats). Right: the paired speed-up naive / closed form per shape (median and IQR)."""
-    import matplotlib.pyplot as plt
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
-    ax, ax2 = axes
+    from .. import plots
+    ax, ax2 = plots.new_axes(2, width=5.5)[1][0] if axes is None else axes
     df = df.assign(entries=df["n"] * df["d"])
     for impl, g in df.groupby("impl", sort=False):
         q = g.groupby("entries")["seconds"].quantile([0.25, 0.5, 0.75]).unstack()
@@ -338,7 +333,7 @@ class SetBNMomentum(Probe):
         for bn in batchnorm_layers(model):
             bn.momentum = self.momentum
 
-    def __call__(self, info: StepInfo) -> None:
+    def __call__(self, info: StepInfo) -> None:  # sets, never measures
         pass
 
 
@@ -415,11 +410,11 @@ def plot_inference_statistics(df: pd.DataFrame, axes=None):
     """Test accuracy of every evaluation method, per regime (mean ± sd over seeds). Left: the
     running statistics, precise BN and shuffled batch statistics; right: batch statistics on
     shuffled vs class-sorted test batches (its own scale)."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
+
+    from .. import plots
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True,
-                               gridspec_kw={"width_ratios": [2, 1]})
+        axes = plots.new_axes(2, width=6.0, height=4.2, gridspec_kw={"width_ratios": [2, 1]})[1][0]
     acc = df[df["metric"] == "test_accuracy"]
     order = method_order(acc["method"])
     left = [m for m in order if m != "batch stats, class-sorted"]

@@ -29,7 +29,7 @@ from torch.func import functional_call
 
 from ..config import override
 from ..models import MLPSpec, mlp
-from ..probes import frozen_batchnorm_buffers, gradient_norms, weight_norms
+from ..probes import Probe, frozen_batchnorm_buffers, gradient_norms, weight_norms
 from ..protocol import Protocol, runs
 from ..train import StepInfo, TrainSpec, resolve_device, seeded
 from . import Config, register, sweep
@@ -107,7 +107,7 @@ def landscape_probe(model: nn.Module, x: Tensor, y: Tensor, *, lr: float,
             "beta_eff": max(d / s for d, s in zip(dg, dist)) if finite and g_norm > 0 else math.inf}
 
 
-class LandscapeProbe:
+class LandscapeProbe(Probe):
     """Training callback: :func:`landscape_probe` every ``every`` steps (and after step 1),
     at the freshly updated parameters, on the batch the step just used."""
 
@@ -126,11 +126,8 @@ class LandscapeProbe:
                             multipliers=self.multipliers, loss=self.loss)
         self.rows.append({"step": info.step, **r})
 
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
 
-
-class GradNormTracker:
+class GradNormTracker(Probe):
     """Training callback: the total gradient norm ‖g_t‖ of every step (read from the
     parameters' ``.grad``, which still holds the step's gradient when callbacks run)."""
 
@@ -142,9 +139,6 @@ class GradNormTracker:
         grads = [p.grad for p in info.model.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.rows.append({"step": info.step, "grad_norm": norm.item(), "loss": info.loss.item()})
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
 
 
 def gradient_fluctuation(df: pd.DataFrame, *, start: int = 1, end: int | None = None) -> pd.DataFrame:
