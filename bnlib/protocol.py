@@ -28,7 +28,7 @@ from .models import CNNSpec, MLPSpec
 from .probes import Probe, WeightNormTracker
 from .train import TrainSpec, fit
 
-__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "tuned", "trained",
+__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "choose", "tuned", "trained",
            "rows", "column", "HiddenWeightNorms"]
 
 
@@ -181,22 +181,27 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
     return df.assign(kind="history")
 
 
-def tuned(cfg: Protocol, *, arms: Sequence[str] | None = None) -> pd.DataFrame:
-    """Tune ``cfg.tuning.param`` per arm on the validation split with the tuning seeds,
-    then train the reported seeds at each arm's choice.
-
-    Returns the tuning runs (``kind == "tuning"``, with the grid column) and the reported
-    runs (``kind == "history"``, with the chosen value in the same column). Raises
-    :class:`bnlib.analysis.GridEdgeError` when a choice lies at the edge of the grid and the
-    config does not allow it.
-    """
+def choose(cfg: Protocol, *, arms: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tune ``cfg.tuning.param`` per arm on the validation split with the tuning seeds:
+    the tuning runs (``kind == "tuning"``, with the grid column) and each arm's choice
+    (:func:`bnlib.analysis.tune`, which raises :class:`bnlib.analysis.GridEdgeError` when a
+    choice lies at the edge of the grid and the config does not allow it)."""
     from . import analysis
     t = cfg.tuning
-    col = column(t.param)
     sweep = runs(cfg, seeds=t.seeds, grid={t.param: t.grid}, arms=arms).assign(kind="tuning")
-    choice = analysis.tune(sweep, param=col, metric=t.metric, objective=t.objective,
+    choice = analysis.tune(sweep, param=column(t.param), metric=t.metric, objective=t.objective,
                            target=t.target, by=("arm",), allow_edge=t.allow_edge,
                            seeds=t.seeds, report_seeds=cfg.seeds)
+    return sweep, choice
+
+
+def tuned(cfg: Protocol, *, arms: Sequence[str] | None = None) -> pd.DataFrame:
+    """:func:`choose` each arm's value, then train the reported seeds at it: the tuning runs
+    (``kind == "tuning"``, with the grid column) and the reported runs (``kind ==
+    "history"``, with the chosen value in the same column)."""
+    t = cfg.tuning
+    col = column(t.param)
+    sweep, choice = choose(cfg, arms=arms)
     frames = [sweep]
     for arm, value in zip(choice["arm"], choice[col]):
         rep = runs(override(cfg, {t.param: value}), arms=[arm])

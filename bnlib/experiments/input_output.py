@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import analysis
 from .. import data as datasets
 from .. import nn as bnn
 from ..config import override
 from ..models import MLPSpec
-from ..protocol import Protocol, Tuning, arm_config, load_data, runs
+from ..protocol import Protocol, Tuning, arm_config, choose, load_data
 from ..train import TrainSpec, fit
 from . import register
 
@@ -199,10 +198,7 @@ def input_output(cfg: IOConfig) -> pd.DataFrame:
     bad = [a for a in cfg.arms if a not in ARMS]
     if bad or not cfg.arms:
         raise ValueError(f"arms must be among {ARMS}, got {list(cfg.arms)}")
-    t = cfg.tuning
-    sweep = runs(cfg, seeds=t.seeds, grid={"train.lr": t.grid})
-    choice = analysis.tune(sweep, param="lr", metric=t.metric, by=("arm",), seeds=t.seeds,
-                           report_seeds=cfg.seeds, allow_edge=t.allow_edge)
+    choice = choose(cfg)[1]
     out = []
     for arm, lr in zip(choice["arm"], choice["lr"]):
         for seed in cfg.seeds:

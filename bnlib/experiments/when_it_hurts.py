@@ -30,11 +30,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .. import analysis
 from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
-from ..protocol import Protocol, Tuning, arm_config, load_data, rows, runs, train_spec
+from ..protocol import Protocol, Tuning, arm_config, choose, load_data, train_spec
 from ..train import TrainSpec, fit
 from . import register
 
@@ -142,12 +141,8 @@ def _grid(cfg: "SmallBatchConfig", batch_size: int) -> tuple[float, ...]:
 
 def _choose(cfg: Protocol, grid: tuple[float, ...], batch_size: int) -> pd.DataFrame:
     """Each arm's learning rate at ``batch_size``, tuned on validation with the tuning seeds."""
-    c = override(cfg, {"train.batch_size": batch_size, "train.eval_every": cfg.train.steps,
-                       "train.eval_splits": ("val",), "tuning.grid": grid})
-    t = c.tuning
-    sweep = rows(runs(c, seeds=t.seeds, grid={"train.lr": t.grid}))
-    return analysis.tune(sweep, param="lr", by=("arm",), seeds=t.seeds, report_seeds=cfg.seeds,
-                         allow_edge=t.allow_edge)
+    return choose(override(cfg, {"train.batch_size": batch_size, "train.eval_every": cfg.train.steps,
+                                 "train.eval_splits": ("val",), "tuning.grid": grid}))[1]
 
 
 def _bn_ln() -> dict:
