@@ -64,6 +64,15 @@ class Protocol(Config):
     seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds: the house minimum for a reported claim
     tuning: Tuning = Tuning()
 
+    #: The ``full`` preset as overrides of the quick one (dotted keys); a subclass sets it.
+    FULL = None
+
+    @classmethod
+    def full(cls) -> "Protocol":
+        if cls.FULL is None:
+            raise NotImplementedError(f"{cls.__name__} has no full preset yet")
+        return override(cls(), cls.FULL)
+
 
 def column(key: str) -> str:
     """The result column of a config key: its last part (``"train.lr"`` → ``"lr"``)."""

@@ -53,10 +53,8 @@ class DepthConfig(Protocol):
     # (0.1 was the top choice of every arm at depth 2 on a grid ending there, hence up to 1.0)
     tuning: Tuning = Tuning(grid=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0), seeds=(1000, 1001))
 
-    @classmethod
-    def full(cls) -> "DepthConfig":
-        return override(cls(), {"data": "fashion_mnist", "depths": (4, 16, 32, 64, 128),
-                                "model.width": 256, "train.steps": 4000, "train.batch_size": 128})
+    FULL = {"data": "fashion_mnist", "depths": (4, 16, 32, 64, 128), "model.width": 256,
+            "train.steps": 4000, "train.batch_size": 128}
 
 
 def _at_depth(cfg: DepthConfig, depth: int) -> DepthConfig:

@@ -29,7 +29,6 @@ from torch import nn
 
 from .. import analysis
 from .. import nn as bnn
-from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
 from ..probes import Probe
@@ -108,10 +107,8 @@ class GlanceConfig(Protocol):
     target: float = 0.9                                # validation accuracy both arms reach
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "GlanceConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "train.eval_every": 50, "target": 0.85})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "train.eval_every": 50, "target": 0.85}
 
 
 @register("bn_at_a_glance", GlanceConfig, title="Plain vs BN, learning rate tuned per arm",
@@ -215,12 +212,9 @@ class HyperConfig(Protocol):
     reference: tuple[float, float] = (0.1, 1e-5)       # PyTorch's defaults: every setting is compared with it
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "HyperConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 2000,
-                                "train.batch_size": 64, "train.eval_every": 2000,
-                                "momenta": (0.001, 0.01, 0.1, 0.5, 0.9),
-                                "epsilons": (1e-5, 1e-3, 1e-1, 1.0)})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 2000,
+            "train.batch_size": 64, "train.eval_every": 2000,
+            "momenta": (0.001, 0.01, 0.1, 0.5, 0.9), "epsilons": (1e-5, 1e-3, 1e-1, 1.0)}
 
 
 @register("bn_hyperparameters", HyperConfig, title="BN momentum × ε after a short run",

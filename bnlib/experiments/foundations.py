@@ -382,15 +382,11 @@ class InferenceStatsConfig(Protocol):
     track_seeds: int = 2              # ... on the first seeds only (each look is a full pass per layer)
     margin: float = 0.01              # smallest test-accuracy difference that matters (1 pp), fixed in advance
 
-    @classmethod
-    def full(cls) -> "InferenceStatsConfig":
-        return override(cls(), {
-            "data": "mnist", "model.width": 512, "track_seeds": 8, "train.steps": 20000,
-            "train.eval_every": 20000,
-            "arms": {"long run": {}, "short run, batch 2048": {"train.steps": 60, "train.batch_size": 2048,
-                                                               "train.lr": 0.5},
-                     "slow EMA (m=0.01)": {"train.steps": 300, "bn_momentum": 0.01}},
-            "samples": (64, 256, 1024, 4096, 16384), "track_points": 20})
+    FULL = {"data": "mnist", "model.width": 512, "track_seeds": 8, "train.steps": 20000,
+            "train.eval_every": 20000, "samples": (64, 256, 1024, 4096, 16384), "track_points": 20,
+            "arms": {"long run": {},
+                     "short run, batch 2048": {"train.steps": 60, "train.batch_size": 2048, "train.lr": 0.5},
+                     "slow EMA (m=0.01)": {"train.steps": 300, "bn_momentum": 0.01}}}
 
 
 def _label(samples: int | None) -> str:

@@ -241,10 +241,8 @@ class LandscapeConfig(Protocol):
     band: tuple[float, float] = (0.05, 0.5)  # training-loss band where both arms are compared
     fluct_margin: float = math.log(1.5)      # |Δ log jump| below which fluctuation "does not differ" (1.5×)
 
-    @classmethod
-    def full(cls) -> "LandscapeConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 512, "train.steps": 5000,
-                                "train.eval_every": 250, "probe_every": 100})
+    FULL = {"data": "fashion_mnist", "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 250, "probe_every": 100}
 
 
 @register("landscape", LandscapeConfig, title="Loss-landscape smoothness along the gradient (Santurkar)",

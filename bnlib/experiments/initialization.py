@@ -51,10 +51,8 @@ class InitConfig(Protocol):
     target: float = 0.9  # validation accuracy that counts as "trains"
     margin: float = 0.01  # smallest test-accuracy difference that matters (declared in advance)
 
-    @classmethod
-    def full(cls) -> "InitConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 8, "model.width": 256,
-                                "train.steps": 2000, "train.eval_every": 50})
+    FULL = {"data": "fashion_mnist", "model.depth": 8, "model.width": 256, "train.steps": 2000,
+            "train.eval_every": 50}
 
 
 @register("init", InitConfig, title="Accuracy across initialisation schemes and scales",

@@ -139,11 +139,8 @@ class IOConfig(Protocol):
     n_bins: int = 15                                   # ECE bins (Guo et al.'s 15)
     margin: float = 0.03                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "IOConfig":
-        return override(cls(), {"data": "mnist", "model.net.width": 256, "train.steps": 5000,
-                                "train.batch_size": 64, "train.eval_every": 5000,
-                                "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)})
+    FULL = {"data": "mnist", "model.net.width": 256, "train.steps": 5000, "train.batch_size": 64,
+            "train.eval_every": 5000, "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)}
 
 
 def train_one(cfg: IOConfig, arm: str, lr: float, seed: int) -> tuple[nn.Module, datasets.Dataset, pd.DataFrame]:

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis
-from ..config import override
 from ..models import MLPSpec
 from ..protocol import (
     HiddenWeightNorms,
@@ -51,11 +50,9 @@ class LRConfig(Protocol):
     track_lrs: tuple[float, ...] = (0.1, 1.0, 3.0)  # rates whose weight norms are tracked
     track_seeds: tuple[int, ...] = (0, 1)  # the mechanism is deterministic enough for two
 
-    @classmethod
-    def full(cls) -> "LRConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 8, "model.width": 256,
-                                "train.steps": 3000, "train.eval_every": 50,
-                                "tuning.grid": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)})
+    FULL = {"data": "fashion_mnist", "model.depth": 8, "model.width": 256, "train.steps": 3000,
+            "train.eval_every": 50,
+            "tuning.grid": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)}
 
 
 def _weights(cfg: LRConfig) -> pd.DataFrame:

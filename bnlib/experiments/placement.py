@@ -52,12 +52,9 @@ class PlacementConfig(Protocol):
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3), seeds=(1000, 1001), allow_edge=True)
     margin: float = 0.02  # smallest test-accuracy difference that matters (2 points), declared before the run
 
-    @classmethod
-    def full(cls) -> "PlacementConfig":
-        return override(cls(), {"datasets": {"fashion_mnist": {"n_train": None},
-                                             "mnist1d": {"n_train": None}},
-                                "model.width": 256, "train.steps": 3000, "train.batch_size": 128,
-                                "train.eval_every": 3000, "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)})
+    FULL = {"datasets": {"fashion_mnist": {"n_train": None}, "mnist1d": {"n_train": None}},
+            "model.width": 256, "train.steps": 3000, "train.batch_size": 128,
+            "train.eval_every": 3000, "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)}
 
 
 @register("placement", PlacementConfig, title="Batch norm before vs after the activation",
@@ -129,10 +126,8 @@ class SaturationConfig(Protocol):
     margin: float = 0.01  # a tanh output within this of ±1 counts as saturated (slope < 0.02)
     accuracy_margin: float = 0.02  # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "SaturationConfig":
-        return override(cls(), {"data": "fashion_mnist", "n_train": None, "train.steps": 3000,
-                                "train.eval_every": 3000, "train.batch_size": 128})
+    FULL = {"data": "fashion_mnist", "n_train": None, "train.steps": 3000, "train.eval_every": 3000,
+            "train.batch_size": 128}
 
 
 @torch.no_grad()

@@ -150,10 +150,8 @@ class VarianceShiftConfig(Protocol):
     arms: dict[str, dict[str, Any]] = field(default_factory=_dropout_arms)
     seeds: tuple[int, ...] = (0, 1)  # a mechanism: the asserts hold for every seed
 
-    @classmethod
-    def full(cls) -> "VarianceShiftConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 6, "model.width": 512,
-                                "train.steps": 5000, "train.eval_every": 5000})
+    FULL = {"data": "fashion_mnist", "model.depth": 6, "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 5000}
 
 
 @register("dropout_variance_shift", VarianceShiftConfig, title="Dropout before BN: the variance shift",
@@ -190,9 +188,7 @@ class ScalingConfig(Protocol):
     factor: float = 10.0  # the scale applied to the weight
     probe_batch: int = 256  # examples in the one forward/backward pass
 
-    @classmethod
-    def full(cls) -> "ScalingConfig":
-        return override(cls(), {"model.depth": 6, "model.width": 512, "factor": 100.0})
+    FULL = {"model.depth": 6, "model.width": 512, "factor": 100.0}
 
 
 @register("wd_weight_scaling", ScalingConfig, title="Scaling a BN'd weight: same loss, smaller gradient",
@@ -229,11 +225,8 @@ class WeightDecayConfig(Protocol):
     seeds: tuple[int, ...] = (0, 1)  # a mechanism: the asserts hold for every seed
     every: int = 25  # steps between norm records
 
-    @classmethod
-    def full(cls) -> "WeightDecayConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 4, "model.width": 512,
-                                "train.steps": 10000, "train.eval_every": 1000,
-                                "weight_decays": (0.0, 3e-5, 3e-4), "every": 250})
+    FULL = {"data": "fashion_mnist", "model.depth": 4, "model.width": 512, "train.steps": 10000,
+            "train.eval_every": 1000, "weight_decays": (0.0, 3e-5, 3e-4), "every": 250}
 
 
 @register("weight_decay_bn", WeightDecayConfig, title="Weight decay on BN'd weights: the effective LR",
@@ -293,14 +286,10 @@ class GridConfig(Protocol):
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1), seeds=(1000, 1001), allow_edge=True)
     margin: float = 0.01  # smallest test-accuracy difference that matters (1 point), declared before the run
 
-    @classmethod
-    def full(cls) -> "GridConfig":
-        return override(cls(), {"datasets": {"fashion_mnist": {"n_train": 5000},
-                                             "mnist1d": {"n_train": None}},
-                                "model.depth": 4, "model.width": 512, "train.steps": 5000,
-                                "train.eval_every": 5000,
-                                "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3),
-                                "arms": {**_grid_arms(), "BN + WD": {"train.weight_decay": 1e-3}}})
+    FULL = {"datasets": {"fashion_mnist": {"n_train": 5000}, "mnist1d": {"n_train": None}},
+            "model.depth": 4, "model.width": 512, "train.steps": 5000, "train.eval_every": 5000,
+            "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3),
+            "arms": {**_grid_arms(), "BN + WD": {"train.weight_decay": 1e-3}}}
 
 
 @register("regularizer_grid", GridConfig, title="BN alone vs BN + dropout vs BN + weight decay",

@@ -87,10 +87,8 @@ class ShallowConfig(Protocol):
     early_step: int = 50  # "speed": accuracy after the first few epochs' worth of steps
     margin: float = 0.01  # a test-accuracy difference under 1 point does not matter
 
-    @classmethod
-    def full(cls) -> "ShallowConfig":
-        return override(cls(), {"datasets": ("mnist1d", "fashion_mnist"), "model.width": 512,
-                                "train.steps": 5000, "train.eval_every": 250, "early_step": 250})
+    FULL = {"datasets": ("mnist1d", "fashion_mnist"), "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 250, "early_step": 250}
 
 
 def as_of(df: pd.DataFrame, step: int) -> pd.DataFrame:

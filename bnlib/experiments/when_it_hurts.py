@@ -166,11 +166,9 @@ class SmallBatchConfig(Protocol):
     lr_factors: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0)  # the tuning grid, ×4 steps around the rule
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "SmallBatchConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "batch_sizes": (2, 4, 8, 32, 128),
-                                "lr_factors": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "arms": _FULL_ARMS})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "batch_sizes": (2, 4, 8, 32, 128), "lr_factors": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+            "arms": _FULL_ARMS}
 
 
 @register("small_batches", SmallBatchConfig, title="BN vs LayerNorm across batch sizes",
@@ -203,10 +201,8 @@ class NonIIDConfig(Protocol):
     tuning: Tuning = Tuning(grid=(0.03, 0.1, 0.3, 1.0))  # tuned on shuffled batches, per arm
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "NonIIDConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "train.batch_size": 64, "arms": _FULL_ARMS})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "train.batch_size": 64, "arms": _FULL_ARMS}
 
 
 @register("non_iid_batches", NonIIDConfig, title="Shuffled vs class-sorted batches",
