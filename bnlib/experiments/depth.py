@@ -29,12 +29,6 @@ from ..train import TrainSpec
 from . import register
 
 
-def _arms() -> dict[str, dict[str, Any]]:
-    return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"},
-            "residual + BN": {"model.norm": "batch", "model.residual": True},
-            "residual": {"model.norm": "none", "model.residual": True}}  # branches × 1/√depth
-
-
 @dataclass(frozen=True)
 class DepthConfig(Protocol):
     """Depths × four arms, learning rate tuned per (arm, depth); the quick preset."""
@@ -46,7 +40,10 @@ class DepthConfig(Protocol):
     # SGD + momentum, a short budget; evaluated once, at the end (only final accuracy is read)
     train: TrainSpec = TrainSpec(momentum=0.9, steps=60, batch_size=64, eval_every=60,
                                  eval_splits=("val", "test"))
-    arms: dict[str, dict[str, Any]] = field(default_factory=_arms)
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"},
+        "residual + BN": {"model.norm": "batch", "model.residual": True},
+        "residual": {"model.norm": "none", "model.residual": True}})  # branches × 1/√depth
     depths: tuple[int, ...] = (2, 6, 16)  # shallow, moderate, deep for a 32-wide MLP
     margin: float = 0.02  # smallest test-accuracy difference that matters (declared before the run)
     # a grid wide enough that no arm's choice sits at its edge; two tuning seeds

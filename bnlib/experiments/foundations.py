@@ -358,12 +358,6 @@ class EMATracker(Probe):
             self.rows += statistics_error(info.model, ref).assign(step=info.step).to_dict("records")
 
 
-def _regimes() -> dict[str, dict[str, Any]]:
-    return {"long run": {},
-            "short run, batch 512": {"train.steps": 15, "train.batch_size": 512, "train.lr": 0.5},
-            "slow EMA (m=0.01)": {"train.steps": 100, "bn_momentum": 0.01}}
-
-
 @dataclass(frozen=True)
 class InferenceStatsConfig(Protocol):
     """A BN MLP trained in a few regimes (the arms), its weights then evaluated with several
@@ -373,7 +367,9 @@ class InferenceStatsConfig(Protocol):
     model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch")    # BN before each of 3 ReLUs; small for CPU
     train: TrainSpec = TrainSpec(lr=0.1, steps=200, batch_size=64, eval_every=200,
                                  eval_splits=())  # the long run (4 epochs); arms shorten it
-    arms: dict[str, dict[str, Any]] = field(default_factory=_regimes)  # regimes where the EMA may lag
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {  # regimes where the EMA may lag
+        "long run": {}, "short run, batch 512": {"train.steps": 15, "train.batch_size": 512, "train.lr": 0.5},
+        "slow EMA (m=0.01)": {"train.steps": 100, "bn_momentum": 0.01}})
     bn_momentum: float = 0.1          # PyTorch's default running-average momentum; one arm slows it
     samples: tuple[int, ...] = (64, 256)  # precise-BN subset sizes, besides the whole training split
     precise_batch_size: int = 1024    # chunk size of the forward passes (the pooling is exact anyway)
@@ -387,10 +383,6 @@ class InferenceStatsConfig(Protocol):
             "arms": {"long run": {},
                      "short run, batch 2048": {"train.steps": 60, "train.batch_size": 2048, "train.lr": 0.5},
                      "slow EMA (m=0.01)": {"train.steps": 300, "bn_momentum": 0.01}}}
-
-
-def _label(samples: int | None) -> str:
-    return "precise (all)" if samples is None else f"precise ({samples})"
 
 
 def method_order(methods) -> list[str]:
@@ -475,7 +467,7 @@ def inference_statistics(cfg: InferenceStatsConfig) -> pd.DataFrame:
                     add("EMA", math.nan, r["step"], r["layer"], metric, r[metric])
             full = _precise(net, x, None, cfg.precise_batch_size)
             models = {"EMA": (net, math.nan)}
-            models.update({_label(s): (_precise(net, x, s, cfg.precise_batch_size), min(s, n_train))
+            models.update({f"precise ({s})": (_precise(net, x, s, cfg.precise_batch_size), min(s, n_train))
                            for s in cfg.samples})
             models["precise (all)"] = (full, n_train)
             tracked_end = any(r["step"] == steps for r in tracker.rows)

@@ -42,7 +42,12 @@ ARMS = ("no extra BN", "input BN", "output BN (affine)", "output BN (no affine)"
 
 # --- calibration --------------------------------------------------------------------------
 
-def _check_probs(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> pd.DataFrame:
+    """Reliability table: examples binned by confidence (the top probability) into
+    ``n_bins`` equal-width bins of [0, 1]; per non-empty bin ``count``, mean
+    ``confidence`` and ``accuracy``."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be ≥ 1, got {n_bins}")
     probs, labels = torch.as_tensor(probs).detach().cpu().double(), torch.as_tensor(labels).detach().cpu()
     if probs.dim() != 2 or labels.dim() != 1 or len(probs) != len(labels) or len(labels) == 0:
         raise ValueError("probs must be (N, classes) and labels (N,) with N ≥ 1")
@@ -50,16 +55,6 @@ def _check_probs(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError("probs must be finite and non-negative (pass softmax outputs)")
     if not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
         raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
-    return probs, labels
-
-
-def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> pd.DataFrame:
-    """Reliability table: examples binned by confidence (the top probability) into
-    ``n_bins`` equal-width bins of [0, 1]; per non-empty bin ``count``, mean
-    ``confidence`` and ``accuracy``."""
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be ≥ 1, got {n_bins}")
-    probs, labels = _check_probs(probs, labels)
     conf, pred = probs.max(1)
     correct = (pred == labels).double()
     # bin b holds confidences in (b/n, (b+1)/n]; confidence 0 cannot occur for a softmax

@@ -134,12 +134,6 @@ def dose(weight_decay: float, train: TrainSpec) -> float:
 
 # --- variance shift -------------------------------------------------------------------
 
-def _dropout_arms() -> dict[str, dict[str, Any]]:
-    return {"BN": {"model.dropout": 0.0},
-            "dropout before BN": {"model.dropout_at": "blocks"},
-            "dropout after last BN": {"model.dropout_at": "head"}}
-
-
 @dataclass(frozen=True)
 class VarianceShiftConfig(Protocol):
     """A BN MLP with dropout nowhere, before every BN'd layer, or only after the last BN."""
@@ -147,7 +141,9 @@ class VarianceShiftConfig(Protocol):
     model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch", dropout=0.5)  # p = 0.5: the shift is 1/(1-p)-sized
     train: TrainSpec = TrainSpec(lr=0.1, momentum=0.9, steps=150, eval_every=150,
                                  eval_splits=("test",))  # long enough for the running stats to settle
-    arms: dict[str, dict[str, Any]] = field(default_factory=_dropout_arms)
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "BN": {"model.dropout": 0.0}, "dropout before BN": {"model.dropout_at": "blocks"},
+        "dropout after last BN": {"model.dropout_at": "head"}})
     seeds: tuple[int, ...] = (0, 1)  # a mechanism: the asserts hold for every seed
 
     FULL = {"data": "fashion_mnist", "model.depth": 6, "model.width": 512, "train.steps": 5000,
