@@ -105,15 +105,23 @@ def train_spec(cfg: Protocol) -> TrainSpec:
 
 
 def trained(cfg: Protocol, *, arms: Sequence[str] | None = None,
-            seeds: Sequence[int] | None = None):
-    """Train each arm × seed with :func:`fit`, one by one, for measurements that need the
-    trained network (probes after training): yields ``(arm, seed, history, net, data)``,
-    ``data`` as the network reads it."""
+            seeds: Sequence[int] | None = None, stacked: bool = False):
+    """Train each arm × seed with :func:`fit` for measurements that need the trained network
+    (probes after training): yields ``(arm, seed, history, net, data)``, ``data`` as the
+    network reads it. With ``stacked``, an arm the stacked engine supports trains all its
+    seeds at once (the same runs up to floating-point rounding); the rest one by one."""
+    from .distributed import launched
+    engine = _stacked() if stacked and not launched() else None
+    seeds = list(cfg.seeds if seeds is None else seeds)
     for arm in (cfg.arms if arms is None else arms):
         acfg = arm_config(cfg, arm)
         data = acfg.model.inputs(load_data(acfg))
-        for seed in (cfg.seeds if seeds is None else seeds):
-            h = fit(acfg.model, train_spec(acfg), data, seed)
+        spec = train_spec(acfg)
+        if engine is not None and engine.supports(acfg.model, spec):
+            hs = engine.fit_many(acfg.model, spec, data, [engine.Member(seed=s) for s in seeds])
+        else:
+            hs = (fit(acfg.model, spec, data, s) for s in seeds)
+        for seed, h in zip(seeds, hs):
             yield arm, seed, h, h.attrs.pop("model"), data
 
 
