@@ -155,7 +155,7 @@ def placement_saturation(cfg: SaturationConfig) -> pd.DataFrame:
     if cfg.model.activation != "tanh":
         raise ValueError("the saturation probe is written for tanh (bounds ±1)")
     rows = []
-    for arm, seed, h, net, data in protocol.trained(cfg):
+    for arm, seed, h, net, data in protocol.trained(cfg, stacked=True):  # all seeds at once
         acc = 1.0 / data.num_classes if h["diverged"].any() else evaluate(net, data.test)[1]
         sat = saturated_fraction(net, data.test.x.to(next(net.parameters()).device), cfg.margin)
         rows += [dict(arm=arm, seed=seed, layer=i + 1, saturated=s, test_accuracy=acc)

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
-from ..protocol import Protocol, Tuning, arm_config, choose, load_data, train_spec
+from ..protocol import Protocol, Tuning, arm_config, choose, load_data, train_spec, trained
 from ..train import TrainSpec, fit
 from . import register
 
@@ -119,19 +119,25 @@ def _evaluations(net, data, *, norm: str, batch_size: int, diverged: bool,
     return out
 
 
-def _one(cfg: Protocol, arm: str, seed: int, *, lr: float, batch_size: int, sampler: str,
-         extra: bool) -> list[dict]:
-    acfg = arm_config(cfg, arm)
-    data = load_data(acfg)
-    spec = train_spec(override(acfg, {"train.lr": lr, "train.batch_size": batch_size}))
-    hist = fit(acfg.model, spec, data, seed,
-               sampler=class_sorted_batches(data.train.y) if sampler == "class-sorted" else None)
-    net = hist.attrs["model"]
-    data = data.to(next(net.parameters()).device)
-    evals = _evaluations(net, data, norm=acfg.model.norm, batch_size=batch_size,
-                         diverged=bool(hist["diverged"].any()), extra=extra)
-    return [dict(arm=arm, seed=seed, lr=lr, batch_size=batch_size, sampler=sampler,
-                 diverged=bool(hist["diverged"].any()), **e) for e in evals]
+def _reported(cfg: Protocol, arm: str, *, lr: float, batch_size: int, sampler: str,
+              extra: bool) -> list[dict]:
+    """Train ``arm`` at ``lr`` on every reported seed and evaluate each run. Shuffled batches
+    of an arm the stacked engine supports (BN) train all seeds at once; the rest one by one."""
+    c = arm_config(override(cfg, {"train.lr": lr, "train.batch_size": batch_size}), arm)
+    if sampler == "shuffled":
+        done = trained(c, arms=[arm], stacked=True)
+    else:
+        data = load_data(c)
+        done = ((arm, s, h, h.attrs.pop("model"), data) for s in cfg.seeds for h in
+                [fit(c.model, train_spec(c), data, s, sampler=class_sorted_batches(data.train.y))])
+    out = []
+    for _, seed, hist, net, data in done:
+        div = bool(hist["diverged"].any())
+        evals = _evaluations(net, data.to(next(net.parameters()).device), norm=c.model.norm,
+                             batch_size=batch_size, diverged=div, extra=extra)
+        out += [dict(arm=arm, seed=seed, lr=lr, batch_size=batch_size, sampler=sampler,
+                     diverged=div, **e) for e in evals]
+    return out
 
 
 def _grid(cfg: "SmallBatchConfig", batch_size: int) -> tuple[float, ...]:
@@ -185,8 +191,7 @@ def small_batches(cfg: SmallBatchConfig) -> pd.DataFrame:
         choice = _choose(cfg, _grid(cfg, b), b)
         choices.append(choice.assign(batch_size=b))
         for arm, lr in zip(choice["arm"], choice["lr"]):
-            for seed in cfg.seeds:
-                out += _one(cfg, arm, seed, lr=float(lr), batch_size=b, sampler="shuffled", extra=False)
+            out += _reported(cfg, arm, lr=float(lr), batch_size=b, sampler="shuffled", extra=False)
     return pd.concat([pd.DataFrame(out).assign(kind="final"),
                       pd.concat(choices, ignore_index=True).assign(kind="choice")], ignore_index=True)
 
@@ -217,8 +222,7 @@ def non_iid_batches(cfg: NonIIDConfig) -> pd.DataFrame:
     out = []
     for arm, lr in zip(choice["arm"], choice["lr"]):
         for sampler in ("shuffled", "class-sorted"):
-            for seed in cfg.seeds:
-                out += _one(cfg, arm, seed, lr=float(lr), batch_size=b, sampler=sampler, extra=True)
+            out += _reported(cfg, arm, lr=float(lr), batch_size=b, sampler=sampler, extra=True)
     return pd.concat([pd.DataFrame(out).assign(kind="final"), choice.assign(kind="choice")],
                      ignore_index=True)
 
