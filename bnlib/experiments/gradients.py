@@ -222,17 +222,15 @@ def plot_gradient_norms(df: pd.DataFrame, ax=None):
 
 def _landscape_axes(df: pd.DataFrame):
     from .. import plots
-    fig, axes = plots.new_axes(3, width=4.5)
-    for ax, col in zip(axes[0], ("loss_range", "grad_pred_rel", "beta_eff")):
-        plot_landscape(df, col, ax=ax)
-    return fig
+    return plots.facets(("loss_range", "grad_pred_rel", "beta_eff"),
+                        lambda col, ax: plot_landscape(df, col, ax=ax), width=4.5)
 
 
 @dataclass(frozen=True)
 class LandscapeConfig(Protocol):
-    """Plain vs BN at the same SGD learning rate, paired seeds, probed along the gradient."""
+    """Plain vs BN at the same SGD learning rate, paired seeds, probed along the gradient, on
+    digits (small and fast; the effect shows on it)."""
 
-    data: str = "digits"                     # small and fast; the effect shows on it
     model: MLPSpec = MLPSpec(depth=6, width=64, activation="relu")  # deep enough that plain trains roughly; small for 8 seeds
     train: TrainSpec = TrainSpec(lr=0.05, batch_size=128, steps=150, eval_every=50,
                                  eval_splits=("val",))  # no momentum: "the step" is exactly -lr*g
