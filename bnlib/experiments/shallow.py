@@ -81,7 +81,9 @@ class ShallowConfig(Protocol):
     datasets: tuple[str, ...] = ("digits", "mnist1d")  # digits sits at its ceiling; MNIST-1D does not
     logreg_on: tuple[str, ...] = ("digits",)  # logistic regression runs one by one: one data set
     model: MLPSpec | CNNSpec | LogRegSpec = MLPSpec(depth=1, width=128)  # "shallow": one hidden layer
-    train: TrainSpec = TrainSpec(momentum=0.9, steps=300, batch_size=64, eval_every=25)  # a few hundred steps
+    # a few hundred steps, evaluated at the early horizon and every 50 steps after it (the choices
+    # and verdicts read the evaluations at early_step and at the end only)
+    train: TrainSpec = TrainSpec(momentum=0.9, steps=300, batch_size=64, eval_every=50)
     arms: dict[str, dict[str, Any]] = field(default_factory=_arms)
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0))  # wide enough that no choice is at an edge
     early_step: int = 50  # "speed": accuracy after the first few epochs' worth of steps
