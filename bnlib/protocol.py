@@ -28,8 +28,8 @@ from .models import CNNSpec, MLPSpec
 from .probes import Probe, WeightNormTracker
 from .train import TrainSpec, fit
 
-__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "choose", "tuned", "trained",
-           "rows", "column", "HiddenWeightNorms"]
+__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "choose", "tuned",
+           "trained", "rows", "column", "HiddenWeightNorms"]
 
 
 @dataclass(frozen=True)

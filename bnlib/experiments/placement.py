@@ -87,7 +87,8 @@ def placement_verdicts(df: pd.DataFrame, cfg: PlacementConfig) -> pd.DataFrame:
                   for a in cfg.activations}
         for act, c in analysis.compare_family(family, margin=cfg.margin).items():
             after, before = family[act]
-            rows.append(dict(data=data, activation=act, **c.row(), lr_before=lrs[(data, act, "BN")], lr_after=lrs[(data, act, "BN after")],
+            rows.append(dict(data=data, activation=act, **c.row(), lr_before=lrs[(data, act, "BN")],
+                             lr_after=lrs[(data, act, "BN after")],
                              acc_before=before.mean(), acc_after=after.mean()))
     return pd.DataFrame(rows)
 
@@ -107,7 +108,8 @@ def plot_placement(v: pd.DataFrame, margin: float, ax=None):
                     fmt="o", capsize=3, color=f"C{i}", label=data)
     ax.axvspan(-100 * margin, 100 * margin, color="0.9", zorder=0, label="equivalence margin")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set(yticks=np.arange(len(acts)), yticklabels=acts, xlabel="BN after − BN, test accuracy (pp), 95% CI")
+    ax.set(yticks=np.arange(len(acts)), yticklabels=acts,
+           xlabel="BN after − BN, test accuracy (pp), 95% CI")
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
     return ax
 
