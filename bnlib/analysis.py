@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import stats
 
 __all__ = ["HISTORY_COLUMNS", "MIN_EQUIVALENCE_SEEDS", "GridEdgeError", "run_keys", "final",
-           "time_to_target", "survival_summary", "TimeRatio", "time_ratio", "pairs", "Diff",
+           "censored_times", "time_to_target", "survival_summary", "TimeRatio", "time_ratio", "pairs", "Diff",
            "paired_difference", "Equivalence", "equivalence", "Comparison", "compare", "holm",
            "compare_family", "tune", "select"]
 
@@ -140,6 +140,16 @@ def time_to_target(df: pd.DataFrame, target: float, *, split: str = "val",
     out = pd.DataFrame(rows)
     out.attrs["unit"] = "step" if column == "step" else ("s" if column == "elapsed" else column)
     return out
+
+
+def censored_times(df: pd.DataFrame, target: float, *, keys: Sequence[str],
+                   split: str = "val") -> pd.DataFrame:
+    """:func:`time_to_target` with the planned budget (the last evaluated step on ``split``),
+    plus ``steps``: the time, or the budget where the run never arrived (a lower bound: it
+    favours the run that did not arrive; never inf)."""
+    budget = float(df.loc[df["split"] == split, "step"].max())
+    t = time_to_target(df, target, split=split, keys=keys, budget=budget)
+    return t.assign(steps=np.where(t["reached"], t["time"], t["budget"]))
 
 
 def _observed(ttt: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -373,6 +383,12 @@ class Comparison:
                 f"{self.reason}")
 
     __str__ = describe
+
+    def row(self) -> dict:
+        """The verdict and its numbers as one table row (``verdict, mean, ci_low, ci_high,
+        p, p_tost``)."""
+        return dict(verdict=self.verdict, mean=self.diff.mean, ci_low=self.diff.ci_low,
+                    ci_high=self.diff.ci_high, p=self.p, p_tost=self.p_tost)
 
 
 def _verdict(diff: Diff, p: float, p_tost: float, alpha: float, higher_is_better: bool,

@@ -25,10 +25,11 @@ from . import progress
 from .config import override
 from .experiments import Config
 from .models import CNNSpec, MLPSpec
+from .probes import Probe, WeightNormTracker
 from .train import TrainSpec, fit
 
-__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "tuned", "trained",
-           "rows", "column"]
+__all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "choose", "tuned",
+           "trained", "rows", "column", "HiddenWeightNorms"]
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,23 @@ def _default_arms() -> dict[str, dict[str, Any]]:
 class Protocol(Config):
     """An experiment on the protocol: data, model, training, arms, seeds and tuning."""
 
-    data: str = "digits"
+    data: str = "digits"              # ships with scikit-learn: no download
     preprocessing: str = "scaled"
     n_train: int | None = None
     model: MLPSpec | CNNSpec = MLPSpec()
     train: TrainSpec = TrainSpec()
     arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
-    seeds: tuple[int, ...] = tuple(range(8))
+    seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds: the house minimum for a reported claim
     tuning: Tuning = Tuning()
+
+    #: The ``full`` preset as overrides of the quick one (dotted keys); a subclass sets it.
+    FULL = None
+
+    @classmethod
+    def full(cls) -> "Protocol":
+        if cls.FULL is None:
+            raise NotImplementedError(f"{cls.__name__} has no full preset yet")
+        return override(cls(), cls.FULL)
 
 
 def column(key: str) -> str:
@@ -95,16 +105,38 @@ def train_spec(cfg: Protocol) -> TrainSpec:
 
 
 def trained(cfg: Protocol, *, arms: Sequence[str] | None = None,
-            seeds: Sequence[int] | None = None):
-    """Train each arm × seed with :func:`fit`, one by one, for measurements that need the
-    trained network (probes after training): yields ``(arm, seed, history, net, data)``,
-    ``data`` as the network reads it."""
+            seeds: Sequence[int] | None = None, stacked: bool = False):
+    """Train each arm × seed with :func:`fit` for measurements that need the trained network
+    (probes after training): yields ``(arm, seed, history, net, data)``, ``data`` as the
+    network reads it. With ``stacked``, an arm the stacked engine supports trains all its
+    seeds at once (the same runs up to floating-point rounding); the rest one by one."""
+    from .distributed import launched
+    engine = _stacked() if stacked and not launched() else None
+    seeds = list(cfg.seeds if seeds is None else seeds)
     for arm in (cfg.arms if arms is None else arms):
         acfg = arm_config(cfg, arm)
         data = acfg.model.inputs(load_data(acfg))
-        for seed in (cfg.seeds if seeds is None else seeds):
-            h = fit(acfg.model, train_spec(acfg), data, seed)
+        spec = train_spec(acfg)
+        if engine is not None and engine.supports(acfg.model, spec):
+            hs = engine.fit_many(acfg.model, spec, data, [engine.Member(seed=s) for s in seeds])
+        else:
+            hs = (fit(acfg.model, spec, data, s) for s in seeds)
+        for seed, h in zip(seeds, hs):
             yield arm, seed, h, h.attrs.pop("model"), data
+
+
+class HiddenWeightNorms(Probe):
+    """:class:`bnlib.probes.WeightNormTracker` (as ``.tracker``) on every hidden layer of the
+    network that :func:`fit` builds (its layers exist only once training starts)."""
+
+    def __init__(self, lr: float = 1.0, every: int = 25) -> None:
+        self.lr, self.every, self.tracker = lr, every, None
+
+    def on_train_start(self, model) -> None:
+        self.tracker = WeightNormTracker([b.layer for b in model.blocks], lr=self.lr, every=self.every)
+
+    def __call__(self, info) -> None:
+        self.tracker(info)
 
 
 def _stacked():
@@ -166,22 +198,27 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
     return df.assign(kind="history")
 
 
-def tuned(cfg: Protocol, *, arms: Sequence[str] | None = None) -> pd.DataFrame:
-    """Tune ``cfg.tuning.param`` per arm on the validation split with the tuning seeds,
-    then train the reported seeds at each arm's choice.
-
-    Returns the tuning runs (``kind == "tuning"``, with the grid column) and the reported
-    runs (``kind == "history"``, with the chosen value in the same column). Raises
-    :class:`bnlib.analysis.GridEdgeError` when a choice lies at the edge of the grid and the
-    config does not allow it.
-    """
+def choose(cfg: Protocol, *, arms: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tune ``cfg.tuning.param`` per arm on the validation split with the tuning seeds:
+    the tuning runs (``kind == "tuning"``, with the grid column) and each arm's choice
+    (:func:`bnlib.analysis.tune`, which raises :class:`bnlib.analysis.GridEdgeError` when a
+    choice lies at the edge of the grid and the config does not allow it)."""
     from . import analysis
     t = cfg.tuning
-    col = column(t.param)
     sweep = runs(cfg, seeds=t.seeds, grid={t.param: t.grid}, arms=arms).assign(kind="tuning")
-    choice = analysis.tune(sweep, param=col, metric=t.metric, objective=t.objective,
+    choice = analysis.tune(sweep, param=column(t.param), metric=t.metric, objective=t.objective,
                            target=t.target, by=("arm",), allow_edge=t.allow_edge,
                            seeds=t.seeds, report_seeds=cfg.seeds)
+    return sweep, choice
+
+
+def tuned(cfg: Protocol, *, arms: Sequence[str] | None = None) -> pd.DataFrame:
+    """:func:`choose` each arm's value, then train the reported seeds at it: the tuning runs
+    (``kind == "tuning"``, with the grid column) and the reported runs (``kind ==
+    "history"``, with the chosen value in the same column)."""
+    t = cfg.tuning
+    col = column(t.param)
+    sweep, choice = choose(cfg, arms=arms)
     frames = [sweep]
     for arm, value in zip(choice["arm"], choice[col]):
         rep = runs(override(cfg, {t.param: value}), arms=[arm])

@@ -20,12 +20,6 @@ def result():
     return init(TINY)
 
 
-def test_registered():
-    exp = get("init")
-    assert exp.config is InitConfig and exp.chapter == "08_initialization"
-    assert InitConfig.full().train.steps > InitConfig().train.steps
-
-
 def test_kinds_and_rates(result):
     assert set(result["kind"]) == {"tuning", "history", "scale"}
     assert set(result.loc[result.kind == "tuning", "seed"]) == {1000}
@@ -54,6 +48,9 @@ def test_no_training_probes():
     assert r["kaiming"] == 1 and r["xavier"] < 1
 
 
-def test_bad_input():
+def test_registered_and_bad_input():
+    exp = get("init")
+    assert exp.config is InitConfig and exp.chapter == "08_initialization"
+    assert InitConfig.full().train.steps > InitConfig().train.steps
     with pytest.raises(ValueError):
         init(override(TINY, {"schemes": ("xavier",)}))

@@ -68,3 +68,16 @@ def test_registered():
     for name in ("placement", "placement_saturation"):
         assert experiments.get(name).chapter == "12_placement"
     PlacementConfig.full(), SaturationConfig.full()
+
+
+def test_stacked_saturation_runs_match_the_sequential_ones():
+    """placement_saturation trains its seeds stacked; a short, stable run is the same network."""
+    from bnlib import protocol
+    cfg = override(SaturationConfig(), {"data": "wine", "n_train": None, "seeds": (0, 1),
+                                        "train.steps": 5, "train.lr": 0.05, "device": "cpu"})
+    seq = list(protocol.trained(cfg, arms=["BN"]))
+    stk = list(protocol.trained(cfg, arms=["BN"], stacked=True))
+    x = seq[0][4].test.x
+    for (_, s1, _, n1, _), (_, s2, _, n2, _) in zip(seq, stk):
+        assert s1 == s2
+        torch.testing.assert_close(n1(x), n2(x), rtol=1e-4, atol=1e-5)

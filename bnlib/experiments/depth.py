@@ -28,20 +28,11 @@ from ..protocol import Protocol, Tuning, arm_config, load_data, rows, tuned
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["DepthConfig", "depth_sweep", "finals", "gradient_profile", "growth_per_layer", "plot"]
-
-
-def _arms() -> dict[str, dict[str, Any]]:
-    return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"},
-            "residual + BN": {"model.norm": "batch", "model.residual": True},
-            "residual": {"model.norm": "none", "model.residual": True}}  # branches × 1/√depth
-
 
 @dataclass(frozen=True)
 class DepthConfig(Protocol):
     """Depths × four arms, learning rate tuned per (arm, depth); the quick preset."""
 
-    data: str = "digits"  # ships with scikit-learn: no download
     # width 32: small enough for 4 arms × 3 depths × (6 rates × 2 tuning + 8 reported seeds).
     # norm_impl="torch": torch's fused BatchNorm1d (same function as bnlib's, chapter 1) is
     # several times faster for these many thin layers; needed for the time budget.
@@ -49,18 +40,18 @@ class DepthConfig(Protocol):
     # SGD + momentum, a short budget; evaluated once, at the end (only final accuracy is read)
     train: TrainSpec = TrainSpec(momentum=0.9, steps=60, batch_size=64, eval_every=60,
                                  eval_splits=("val", "test"))
-    arms: dict[str, dict[str, Any]] = field(default_factory=_arms)
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"},
+        "residual + BN": {"model.norm": "batch", "model.residual": True},
+        "residual": {"model.norm": "none", "model.residual": True}})  # branches × 1/√depth
     depths: tuple[int, ...] = (2, 6, 16)  # shallow, moderate, deep for a 32-wide MLP
-    seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds for every per-depth claim
     margin: float = 0.02  # smallest test-accuracy difference that matters (declared before the run)
     # a grid wide enough that no arm's choice sits at its edge; two tuning seeds
     # (0.1 was the top choice of every arm at depth 2 on a grid ending there, hence up to 1.0)
     tuning: Tuning = Tuning(grid=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0), seeds=(1000, 1001))
 
-    @classmethod
-    def full(cls) -> "DepthConfig":
-        return override(cls(), {"data": "fashion_mnist", "depths": (4, 16, 32, 64, 128),
-                                "model.width": 256, "train.steps": 4000, "train.batch_size": 128})
+    FULL = {"data": "fashion_mnist", "depths": (4, 16, 32, 64, 128), "model.width": 256,
+            "train.steps": 4000, "train.batch_size": 128}
 
 
 def _at_depth(cfg: DepthConfig, depth: int) -> DepthConfig:
@@ -86,28 +77,22 @@ def depth_sweep(cfg: DepthConfig) -> pd.DataFrame:
 def finals(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """Per (depth, arm, seed) of the reported runs: the final accuracy on ``split`` at the
     tuned rate (``lr``); a diverged run scores chance (0.1), never a stale number."""
-    f = analysis.final(rows(df), split=split, keys=["depth", "arm", "lr", "seed"])
-    return f.assign(accuracy=f["accuracy"].fillna(0.1))
+    return analysis.final(rows(df), split=split, keys=["depth", "arm", "lr", "seed"], diverged_value=0.1)
 
 
 def plot(df: pd.DataFrame, ax=None):
     """Test accuracy at the tuned rate against depth, mean ± sd over the reported seeds."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
     from .. import plots
     ax = ax or plots.new_axes(width=6.5)[1][0, 0]
     f = finals(df)
-    sns.lineplot(data=f, x="depth", y="accuracy", hue="arm", marker="o", errorbar=("sd", 1),
-                 palette={a: plots.color(a) for a in f["arm"].unique()}, ax=ax)
-    ax.set_xscale("log", base=2)
+    plots.draw_sweep(f, x="depth", y="accuracy", logx=False, diverged=None, ax=ax)
     depths = sorted(f["depth"].unique())
-    ax.set_xticks(depths, [str(x) for x in depths])
-    ax.set_xlabel("hidden layers")
-    ax.set_ylabel("test accuracy (tuned rate)")
+    ax.set_xscale("log", base=2)
+    ax.set(xticks=depths, xticklabels=[str(x) for x in depths], xlabel="hidden layers",
+           ylabel="test accuracy (tuned rate)")
     ax.axhline(0.1, color="black", lw=0.8, ls=":")
     ax.legend(title="arm", loc="lower left")
-    return plt.gcf()
+    return ax.figure
 
 
 def gradient_profile(cfg: DepthConfig, depth: int, *, batch_size: int = 128,

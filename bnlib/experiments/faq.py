@@ -19,7 +19,6 @@ batch and Keras' the old running value, so Keras' default 0.99 is PyTorch's 0.01
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -30,18 +29,12 @@ from torch import nn
 
 from .. import analysis
 from .. import nn as bnn
-from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
 from ..probes import Probe
-from ..protocol import Protocol, Tuning, load_data, rows, tuned
+from ..protocol import Protocol, Tuning, load_data, rows, train_spec, tuned
 from ..train import TrainSpec, fit
 from . import register
-
-__all__ = ["GlanceConfig", "HyperConfig", "RunningStatsProbe", "bn_at_a_glance",
-           "bn_hyperparameters", "usable_rates", "hyper_comparisons", "KERAS_DEFAULTS",
-           "torch_defaults", "keras_update", "momentum_conventions", "half_life", "plot_glance",
-           "plot_hyper"]
 
 #: Keras ``BatchNormalization`` defaults (keras.io documentation): ``momentum`` is the
 #: weight of the *old* moving value, ``moving = moving·momentum + batch·(1 − momentum)``.
@@ -103,27 +96,19 @@ def momentum_conventions(steps: int = 50, *, batch_size: int = 16, seed: int = 0
 
 # --- F5, F9: plain vs BN at a glance -------------------------------------------------------
 
-def _glance_arms() -> dict:
-    return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"}}
-
-
 @dataclass(frozen=True)
 class GlanceConfig(Protocol):
-    """Plain vs BN MLP on digits, each arm's learning rate tuned on validation."""
+    """Plain vs BN MLP on digits (the protocol's arms and 8 seeds), each arm's learning rate
+    tuned on validation."""
 
-    data: str = "digits"                               # ships with scikit-learn: no download
     model: MLPSpec = MLPSpec(depth=4, width=64)        # deep enough for BN to matter, small enough for CPU
     train: TrainSpec = TrainSpec(steps=150, batch_size=32, eval_every=10)  # a short run: speed shows early
-    arms: dict = field(default_factory=_glance_arms)
-    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum for TOST
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0))  # a decade-and-a-half each side of 0.1
     target: float = 0.9                                # validation accuracy both arms reach
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "GlanceConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "train.eval_every": 50, "target": 0.85})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "train.eval_every": 50, "target": 0.85}
 
 
 @register("bn_at_a_glance", GlanceConfig, title="Plain vs BN, learning rate tuned per arm",
@@ -151,6 +136,7 @@ def usable_rates(df: pd.DataFrame, target: float) -> pd.DataFrame:
 def plot_glance(df: pd.DataFrame, ax=None):
     """Validation accuracy against step for each arm at its tuned learning rate (mean ± sd)."""
     import matplotlib.pyplot as plt
+
     from .. import plots
     ax = ax or plt.gca()
     rep = rows(df, "history")
@@ -217,23 +203,18 @@ class RunningStatsProbe(Probe):
 class HyperConfig(Protocol):
     """BN momentum × ε on a short run of a BN MLP on digits, 8 paired seeds."""
 
-    data: str = "digits"                               # ships with scikit-learn: no download
     model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch", norm_impl="torch")  # torch's BN: same arithmetic, faster on CPU
     train: TrainSpec = TrainSpec(lr=0.1, steps=150, batch_size=32, eval_every=150,
                                  eval_splits=("test",))  # short: a slow average has least time to catch up
     arms: dict = field(default_factory=lambda: {"BN": {}})
-    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum for TOST
     momenta: tuple[float, ...] = (0.01, 0.1, 0.5)      # Keras' default, PyTorch's default, a fast one
     epsilons: tuple[float, ...] = (1e-5, 1e-3, 1e-1)   # PyTorch's, Keras' default, a large one
     reference: tuple[float, float] = (0.1, 1e-5)       # PyTorch's defaults: every setting is compared with it
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "HyperConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 2000,
-                                "train.batch_size": 64, "train.eval_every": 2000,
-                                "momenta": (0.001, 0.01, 0.1, 0.5, 0.9),
-                                "epsilons": (1e-5, 1e-3, 1e-1, 1.0)})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 2000,
+            "train.batch_size": 64, "train.eval_every": 2000,
+            "momenta": (0.001, 0.01, 0.1, 0.5, 0.9), "epsilons": (1e-5, 1e-3, 1e-1, 1.0)}
 
 
 @register("bn_hyperparameters", HyperConfig, title="BN momentum × ε after a short run",
@@ -248,7 +229,7 @@ def bn_hyperparameters(cfg: HyperConfig) -> pd.DataFrame:
     if cfg.model.norm != "batch":
         raise ValueError("bn_hyperparameters needs a batch-norm model (model.norm='batch')")
     data = load_data(cfg)
-    spec = cfg.train if cfg.device == "auto" else dataclasses.replace(cfg.train, device=cfg.device)
+    spec = train_spec(cfg)
     out = []
     for eps in cfg.epsilons:
         for seed in cfg.seeds:
@@ -288,10 +269,10 @@ def hyper_comparisons(df: pd.DataFrame, cfg: HyperConfig, value: str = "test_acc
 def plot_hyper(df: pd.DataFrame, axes=None):
     """Heatmaps of mean test accuracy (± sd over seeds) per momentum × ε: running statistics
     (left) and precise statistics (right)."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10.4, 3.8))
+
+    from .. import plots
+    axes = plots.new_axes(2, width=5.2)[1][0] if axes is None else axes
     for ax, value, title in zip(axes, ("test_acc", "precise_test_acc"),
                                 ("running statistics", "precise statistics")):
         mean = df.pivot_table(index="momentum", columns="eps", values=value, aggfunc="mean")
@@ -300,7 +281,5 @@ def plot_hyper(df: pd.DataFrame, axes=None):
         sns.heatmap(mean, annot=labels, fmt="", cmap="viridis", vmin=float(np.nanmin(mean.values)) - 0.01,
                     vmax=1.0, cbar_kws={"label": "test accuracy"}, ax=ax)
         ax.set_xticklabels([f"{e:g}" for e in mean.columns])
-        ax.set_xlabel("ε")
-        ax.set_ylabel("momentum (PyTorch convention)")
-        ax.set_title(title)
+        ax.set(xlabel="ε", ylabel="momentum (PyTorch convention)", title=title)
     return axes[0].figure

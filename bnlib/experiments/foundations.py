@@ -14,10 +14,7 @@ Two registered experiments:
   (:func:`bnlib.inference.evaluate`). A probe (:class:`EMATracker`) records how far the
   running statistics are from those of the whole training set as training goes on.
 
-And the chapters' small helpers: :func:`relative_error`, :func:`autograd_batchnorm_grads`,
-:func:`backward_without_variance_path` (a deliberately wrong backward),
-:func:`backward_peak_memory`, :func:`feature_distributions`, :func:`sigmoid_linear_r2`,
-:func:`ema` (both momentum conventions) and :func:`statistics_error`.
+And the chapters' small helpers (gradient checks, memory, distributions, moving averages).
 """
 from __future__ import annotations
 
@@ -43,15 +40,6 @@ from ..protocol import Protocol, arm_config, load_data
 from ..timing import paired_ratio, time_interleaved
 from ..train import StepInfo, TrainSpec, fit
 from . import Config, register
-
-__all__ = [
-    "relative_error", "autograd_batchnorm_grads", "backward_without_variance_path",
-    "backward_peak_memory", "BackwardTimingConfig", "backward_timing", "timing_speedups",
-    "plot_backward_timing", "feature_distributions", "sigmoid_linear_r2", "ema",
-    "statistics_error", "EMATracker", "InferenceStatsConfig", "inference_statistics",
-    "plot_inference_statistics", "method_order",
-]
-
 
 # --- chapter 2: gradients ------------------------------------------------------------------
 
@@ -173,10 +161,8 @@ def timing_speedups(df: pd.DataFrame) -> pd.DataFrame:
 def plot_backward_timing(df: pd.DataFrame, axes=None):
     """Left: median ms per call against N·D per implementation (bars: interquartile range over
     repeats). Right: the paired speed-up naive / closed form per shape (median and IQR)."""
-    import matplotlib.pyplot as plt
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
-    ax, ax2 = axes
+    from .. import plots
+    ax, ax2 = plots.new_axes(2, width=5.5)[1][0] if axes is None else axes
     df = df.assign(entries=df["n"] * df["d"])
     for impl, g in df.groupby("impl", sort=False):
         q = g.groupby("entries")["seconds"].quantile([0.25, 0.5, 0.75]).unstack()
@@ -347,7 +333,7 @@ class SetBNMomentum(Probe):
         for bn in batchnorm_layers(model):
             bn.momentum = self.momentum
 
-    def __call__(self, info: StepInfo) -> None:
+    def __call__(self, info: StepInfo) -> None:  # sets, never measures
         pass
 
 
@@ -372,12 +358,6 @@ class EMATracker(Probe):
             self.rows += statistics_error(info.model, ref).assign(step=info.step).to_dict("records")
 
 
-def _regimes() -> dict[str, dict[str, Any]]:
-    return {"long run": {},
-            "short run, batch 512": {"train.steps": 15, "train.batch_size": 512, "train.lr": 0.5},
-            "slow EMA (m=0.01)": {"train.steps": 100, "bn_momentum": 0.01}}
-
-
 @dataclass(frozen=True)
 class InferenceStatsConfig(Protocol):
     """A BN MLP trained in a few regimes (the arms), its weights then evaluated with several
@@ -387,7 +367,9 @@ class InferenceStatsConfig(Protocol):
     model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch")    # BN before each of 3 ReLUs; small for CPU
     train: TrainSpec = TrainSpec(lr=0.1, steps=200, batch_size=64, eval_every=200,
                                  eval_splits=())  # the long run (4 epochs); arms shorten it
-    arms: dict[str, dict[str, Any]] = field(default_factory=_regimes)  # regimes where the EMA may lag
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {  # regimes where the EMA may lag
+        "long run": {}, "short run, batch 512": {"train.steps": 15, "train.batch_size": 512, "train.lr": 0.5},
+        "slow EMA (m=0.01)": {"train.steps": 100, "bn_momentum": 0.01}})
     bn_momentum: float = 0.1          # PyTorch's default running-average momentum; one arm slows it
     samples: tuple[int, ...] = (64, 256)  # precise-BN subset sizes, besides the whole training split
     precise_batch_size: int = 1024    # chunk size of the forward passes (the pooling is exact anyway)
@@ -396,19 +378,11 @@ class InferenceStatsConfig(Protocol):
     track_seeds: int = 2              # ... on the first seeds only (each look is a full pass per layer)
     margin: float = 0.01              # smallest test-accuracy difference that matters (1 pp), fixed in advance
 
-    @classmethod
-    def full(cls) -> "InferenceStatsConfig":
-        return override(cls(), {
-            "data": "mnist", "model.width": 512, "track_seeds": 8, "train.steps": 20000,
-            "train.eval_every": 20000,
-            "arms": {"long run": {}, "short run, batch 2048": {"train.steps": 60, "train.batch_size": 2048,
-                                                               "train.lr": 0.5},
-                     "slow EMA (m=0.01)": {"train.steps": 300, "bn_momentum": 0.01}},
-            "samples": (64, 256, 1024, 4096, 16384), "track_points": 20})
-
-
-def _label(samples: int | None) -> str:
-    return "precise (all)" if samples is None else f"precise ({samples})"
+    FULL = {"data": "mnist", "model.width": 512, "track_seeds": 8, "train.steps": 20000,
+            "train.eval_every": 20000, "samples": (64, 256, 1024, 4096, 16384), "track_points": 20,
+            "arms": {"long run": {},
+                     "short run, batch 2048": {"train.steps": 60, "train.batch_size": 2048, "train.lr": 0.5},
+                     "slow EMA (m=0.01)": {"train.steps": 300, "bn_momentum": 0.01}}}
 
 
 def method_order(methods) -> list[str]:
@@ -424,11 +398,11 @@ def plot_inference_statistics(df: pd.DataFrame, axes=None):
     """Test accuracy of every evaluation method, per regime (mean ± sd over seeds). Left: the
     running statistics, precise BN and shuffled batch statistics; right: batch statistics on
     shuffled vs class-sorted test batches (its own scale)."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
+
+    from .. import plots
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True,
-                               gridspec_kw={"width_ratios": [2, 1]})
+        axes = plots.new_axes(2, width=6.0, height=4.2, gridspec_kw={"width_ratios": [2, 1]})[1][0]
     acc = df[df["metric"] == "test_accuracy"]
     order = method_order(acc["method"])
     left = [m for m in order if m != "batch stats, class-sorted"]
@@ -493,7 +467,7 @@ def inference_statistics(cfg: InferenceStatsConfig) -> pd.DataFrame:
                     add("EMA", math.nan, r["step"], r["layer"], metric, r[metric])
             full = _precise(net, x, None, cfg.precise_batch_size)
             models = {"EMA": (net, math.nan)}
-            models.update({_label(s): (_precise(net, x, s, cfg.precise_batch_size), min(s, n_train))
+            models.update({f"precise ({s})": (_precise(net, x, s, cfg.precise_batch_size), min(s, n_train))
                            for s in cfg.samples})
             models["precise (all)"] = (full, n_train)
             tracked_end = any(r["step"] == steps for r in tracker.rows)

@@ -29,15 +29,10 @@ from torch.func import functional_call
 
 from ..config import override
 from ..models import MLPSpec, mlp
-from ..probes import frozen_batchnorm_buffers, gradient_norms, weight_norms
+from ..probes import Probe, frozen_batchnorm_buffers, gradient_norms, weight_norms
 from ..protocol import Protocol, runs
 from ..train import StepInfo, TrainSpec, resolve_device, seeded
 from . import Config, register, sweep
-
-__all__ = ["landscape_probe", "LandscapeProbe", "GradNormTracker", "gradient_fluctuation",
-           "LandscapeConfig", "landscape", "ExplosionConfig", "grad_explosion", "growth_rates",
-           "RELU_BN_RATE", "at_matched_loss", "plot_landscape", "plot_gradient_norms",
-           "plot_explosion", "LABELS"]
 
 #: Readable axis labels for the measured columns.
 LABELS = {
@@ -112,7 +107,7 @@ def landscape_probe(model: nn.Module, x: Tensor, y: Tensor, *, lr: float,
             "beta_eff": max(d / s for d, s in zip(dg, dist)) if finite and g_norm > 0 else math.inf}
 
 
-class LandscapeProbe:
+class LandscapeProbe(Probe):
     """Training callback: :func:`landscape_probe` every ``every`` steps (and after step 1),
     at the freshly updated parameters, on the batch the step just used."""
 
@@ -131,11 +126,8 @@ class LandscapeProbe:
                             multipliers=self.multipliers, loss=self.loss)
         self.rows.append({"step": info.step, **r})
 
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
 
-
-class GradNormTracker:
+class GradNormTracker(Probe):
     """Training callback: the total gradient norm ‖g_t‖ of every step (read from the
     parameters' ``.grad``, which still holds the step's gradient when callbacks run)."""
 
@@ -147,9 +139,6 @@ class GradNormTracker:
         grads = [p.grad for p in info.model.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         self.rows.append({"step": info.step, "grad_norm": norm.item(), "loss": info.loss.item()})
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
 
 
 def gradient_fluctuation(df: pd.DataFrame, *, start: int = 1, end: int | None = None) -> pd.DataFrame:
@@ -191,28 +180,33 @@ def at_matched_loss(df: pd.DataFrame, lo: float, hi: float,
     return runs.merge(med.reset_index(), on=["arm", "seed"], how="left").fillna({"n": 0})
 
 
+def _draw_runs(d: pd.DataFrame, x: str, y: str, ax, xlabel: str):
+    """Mean over seeds per arm with the min–max range as a band (it stays positive on the
+    log scale), log y, labelled from :data:`LABELS`."""
+    from .. import plots
+    plots.draw_curves(d, x=x, y=y, split=None, errorbar=("pi", 100), logy=True, ax=ax)
+    ax.set(ylabel=LABELS.get(y, y) + " (log)", xlabel=xlabel)
+    return ax
+
+
 def plot_landscape(df: pd.DataFrame, metric: str, *, x: str = "step", ax=None, title: str | None = None):
     """One landscape metric of the probes against ``x`` (``"step"``: mean over seeds with
-    the min–max range as a band, which stays positive on the log scale; ``"loss"``: every
-    probe as a point, to compare arms at equal training loss); log y."""
+    the min–max range as a band; ``"loss"``: every probe as a point, to compare arms at
+    equal training loss); log y."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-    ax = ax or plt.gca()
+
     from .. import plots
+    ax = ax or plt.gca()
     p = df[df["record"] == "probe"]
-    pal = {a: plots.color(a) for a in p["arm"].unique()}
     if x == "step":
-        sns.lineplot(data=p, x="step", y=metric, hue="arm", errorbar=("pi", 100), ax=ax, palette=pal,
-                     marker="o")
+        _draw_runs(p, "step", metric, ax, "training step")
     else:
-        sns.scatterplot(data=p[p["step"] > 1], x=x, y=metric, hue="arm", ax=ax, palette=pal)
-        ax.set_xscale("log")
+        sns.scatterplot(data=p[p["step"] > 1], x=x, y=metric, hue="arm", ax=ax,
+                        palette={a: plots.color(a) for a in p["arm"].unique()})
+        ax.set(xscale="log", yscale="log", ylabel=LABELS.get(metric, metric) + " (log)",
+               xlabel="training loss at the probe (falls to the right)")
         ax.invert_xaxis()
-        ax.set_xlabel("training loss at the probe (falls to the right)")
-    ax.set_yscale("log")
-    ax.set_ylabel(LABELS.get(metric, metric) + " (log)")
-    if x == "step":
-        ax.set_xlabel("training step")
     if title:
         ax.set_title(title)
     return ax
@@ -222,31 +216,21 @@ def plot_gradient_norms(df: pd.DataFrame, ax=None):
     """‖g_t‖ at every step (``record == "gradnorm"``): mean over seeds with the min–max
     range as a band, log y."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
-    ax = ax or plt.gca()
-    g = df[df["record"] == "gradnorm"]
-    from .. import plots
-    sns.lineplot(data=g, x="step", y="grad_norm", hue="arm", errorbar=("pi", 100), ax=ax,
-                 palette={a: plots.color(a) for a in g["arm"].unique()}, lw=1)
-    ax.set_yscale("log")
-    ax.set_ylabel(LABELS["grad_norm"] + " (log)")
-    ax.set_xlabel("training step")
-    return ax
+    return _draw_runs(df[df["record"] == "gradnorm"], "step", "grad_norm", ax or plt.gca(),
+                      "training step")
 
 
 def _landscape_axes(df: pd.DataFrame):
     from .. import plots
-    fig, axes = plots.new_axes(3, width=4.5)
-    for ax, col in zip(axes[0], ("loss_range", "grad_pred_rel", "beta_eff")):
-        plot_landscape(df, col, ax=ax)
-    return fig
+    return plots.facets(("loss_range", "grad_pred_rel", "beta_eff"),
+                        lambda col, ax: plot_landscape(df, col, ax=ax), width=4.5)
 
 
 @dataclass(frozen=True)
 class LandscapeConfig(Protocol):
-    """Plain vs BN at the same SGD learning rate, paired seeds, probed along the gradient."""
+    """Plain vs BN at the same SGD learning rate, paired seeds, probed along the gradient, on
+    digits (small and fast; the effect shows on it)."""
 
-    data: str = "digits"                     # small and fast; the effect shows on it
     model: MLPSpec = MLPSpec(depth=6, width=64, activation="relu")  # deep enough that plain trains roughly; small for 8 seeds
     train: TrainSpec = TrainSpec(lr=0.05, batch_size=128, steps=150, eval_every=50,
                                  eval_splits=("val",))  # no momentum: "the step" is exactly -lr*g
@@ -255,10 +239,8 @@ class LandscapeConfig(Protocol):
     band: tuple[float, float] = (0.05, 0.5)  # training-loss band where both arms are compared
     fluct_margin: float = math.log(1.5)      # |Δ log jump| below which fluctuation "does not differ" (1.5×)
 
-    @classmethod
-    def full(cls) -> "LandscapeConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 512, "train.steps": 5000,
-                                "train.eval_every": 250, "probe_every": 100})
+    FULL = {"data": "fashion_mnist", "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 250, "probe_every": 100}
 
 
 @register("landscape", LandscapeConfig, title="Loss-landscape smoothness along the gradient (Santurkar)",
@@ -357,16 +339,8 @@ def plot_explosion(df: pd.DataFrame, activation: str, ax=None, value: str = "rel
     """Per-layer relative gradient at initialisation for one activation (mean over seeds,
     band = min–max range), input layer on the left, log y."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    from .. import plots
-    ax = ax or plt.gca()
-    d = df[df["activation"] == activation]
-    sns.lineplot(data=d, x="layer", y=value, hue="arm", errorbar=("pi", 100), ax=ax,
-                 palette={a: plots.color(a) for a in d["arm"].unique()})
-    ax.set_yscale("log")
-    ax.set_ylabel(LABELS.get(value, value) + " (log)")
-    ax.set_xlabel("layer l (0 = input side)")
+    ax = _draw_runs(df[df["activation"] == activation], "layer", value, ax or plt.gca(),
+                    "layer l (0 = input side)")
     ax.set_title(f"{activation}, at initialisation")
     return ax
 

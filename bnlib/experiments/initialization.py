@@ -19,7 +19,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -30,9 +29,6 @@ from ..protocol import Protocol, Tuning, rows, runs, tuned
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["SCHEMES", "InitConfig", "init", "scheme_finals", "scale_times", "activation_scale",
-           "scheme_std_ratio", "plot"]
-
 #: The named initialisations: label → config overrides.
 SCHEMES = {"kaiming": {"model.init": "kaiming"}, "xavier": {"model.init": "xavier"},
            "normal(0.01)": {"model.init": "normal", "model.init_std": 0.01}}
@@ -42,13 +38,11 @@ SCHEMES = {"kaiming": {"model.init": "kaiming"}, "xavier": {"model.init": "xavie
 class InitConfig(Protocol):
     """Schemes and Kaiming scales, plain and BN; the quick preset."""
 
-    data: str = "digits"  # ships with scikit-learn: no download
     # 6×64 ReLU MLP: deep enough for s^L to bite. norm_impl="torch": torch's BatchNorm1d (the
     # same function as bnlib's, chapter 1) is faster on a CPU; needed for the time budget.
     model: MLPSpec = MLPSpec(depth=6, width=64, norm_impl="torch")
     train: TrainSpec = TrainSpec(momentum=0.9, steps=100, batch_size=64, eval_every=10,
                                  eval_splits=("val", "test"))  # chapter 7's optimiser, short budget
-    seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds for every reported claim
     # allow_edge: a plain net that learns nothing at any rate (N(0, 0.01²)) has no interior
     # best rate; the chapter prints which choices sit at an edge
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3), seeds=(1000, 1001), allow_edge=True)
@@ -57,10 +51,8 @@ class InitConfig(Protocol):
     target: float = 0.9  # validation accuracy that counts as "trains"
     margin: float = 0.01  # smallest test-accuracy difference that matters (declared in advance)
 
-    @classmethod
-    def full(cls) -> "InitConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 8, "model.width": 256,
-                                "train.steps": 2000, "train.eval_every": 50})
+    FULL = {"data": "fashion_mnist", "model.depth": 8, "model.width": 256, "train.steps": 2000,
+            "train.eval_every": 50}
 
 
 @register("init", InitConfig, title="Accuracy across initialisation schemes and scales",
@@ -87,17 +79,13 @@ def init(cfg: InitConfig) -> pd.DataFrame:
 def scheme_finals(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """Per (scheme, arm, seed) of the reported runs: final accuracy at the tuned rate; a
     diverged run scores chance (0.1), never a stale number."""
-    f = analysis.final(rows(df), split=split, keys=["scheme", "arm", "lr", "seed"])
-    return f.assign(accuracy=f["accuracy"].fillna(0.1))
+    return analysis.final(rows(df), split=split, keys=["scheme", "arm", "lr", "seed"], diverged_value=0.1)
 
 
 def scale_times(df: pd.DataFrame, target: float) -> pd.DataFrame:
     """Censored steps to ``target`` validation accuracy per (arm, init_scale, seed) of the
     scale sweep, with ``steps`` = the time, or the budget where it never arrived."""
-    h = rows(df, "scale")
-    budget = float(h.loc[h["split"] == "val", "step"].max())
-    t = analysis.time_to_target(h, target, keys=["arm", "init_scale", "seed"], budget=budget)
-    return t.assign(steps=np.where(t["reached"], t["time"], t["budget"]))
+    return analysis.censored_times(rows(df, "scale"), target, keys=["arm", "init_scale", "seed"])
 
 
 @torch.no_grad()

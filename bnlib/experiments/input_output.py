@@ -29,33 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import analysis
 from .. import data as datasets
 from .. import nn as bnn
 from ..config import override
 from ..models import MLPSpec
-from ..protocol import Protocol, Tuning, arm_config, load_data, runs
+from ..protocol import Protocol, Tuning, arm_config, choose, load_data
 from ..train import TrainSpec, fit
 from . import register
-
-__all__ = ["IOSpec", "IOConfig", "input_output", "ARMS", "train_one", "expected_calibration_error",
-           "reliability", "input_gains", "extreme_inputs", "final_table", "plot_input_output"]
 
 ARMS = ("no extra BN", "input BN", "output BN (affine)", "output BN (no affine)")
 
 
 # --- calibration --------------------------------------------------------------------------
-
-def _check_probs(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    probs, labels = torch.as_tensor(probs).detach().cpu().double(), torch.as_tensor(labels).detach().cpu()
-    if probs.dim() != 2 or labels.dim() != 1 or len(probs) != len(labels) or len(labels) == 0:
-        raise ValueError("probs must be (N, classes) and labels (N,) with N ≥ 1")
-    if not torch.isfinite(probs).all() or (probs < 0).any():
-        raise ValueError("probs must be finite and non-negative (pass softmax outputs)")
-    if not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
-        raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
-    return probs, labels
-
 
 def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> pd.DataFrame:
     """Reliability table: examples binned by confidence (the top probability) into
@@ -63,7 +48,13 @@ def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> pd.DataFrame
     ``confidence`` and ``accuracy``."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be ≥ 1, got {n_bins}")
-    probs, labels = _check_probs(probs, labels)
+    probs, labels = torch.as_tensor(probs).detach().cpu().double(), torch.as_tensor(labels).detach().cpu()
+    if probs.dim() != 2 or labels.dim() != 1 or len(probs) != len(labels) or len(labels) == 0:
+        raise ValueError("probs must be (N, classes) and labels (N,) with N ≥ 1")
+    if not torch.isfinite(probs).all() or (probs < 0).any():
+        raise ValueError("probs must be finite and non-negative (pass softmax outputs)")
+    if not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
+        raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
     conf, pred = probs.max(1)
     correct = (pred == labels).double()
     # bin b holds confidences in (b/n, (b+1)/n]; confidence 0 cannot occur for a softmax
@@ -131,29 +122,20 @@ def input_gains(model: nn.Module, x_test: Tensor | None = None) -> pd.DataFrame:
 
 # --- the experiment -------------------------------------------------------------------------
 
-def _io_arms() -> dict:
-    return {a: {"model.extra": a} for a in ARMS}
-
-
 @dataclass(frozen=True)
 class IOConfig(Protocol):
     """Extra BN on the input or on the logits of a 2×128 BN MLP on raw digits."""
 
-    data: str = "digits"                               # ships with scikit-learn: no download
     preprocessing: str = "raw"                         # pixels 0–16: input BN sees the raw scale
     model: IOSpec = IOSpec()                           # a 2×128 BN MLP (torch's BN: same arithmetic, faster)
     train: TrainSpec = TrainSpec(steps=200, batch_size=32, eval_every=200)  # one evaluation, at the end
-    arms: dict = field(default_factory=_io_arms)
-    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum
+    arms: dict = field(default_factory=lambda: {a: {"model.extra": a} for a in ARMS})
     tuning: Tuning = Tuning(grid=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0), seeds=(1000, 1001), metric="loss")  # val loss
     n_bins: int = 15                                   # ECE bins (Guo et al.'s 15)
     margin: float = 0.03                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "IOConfig":
-        return override(cls(), {"data": "mnist", "model.net.width": 256, "train.steps": 5000,
-                                "train.batch_size": 64, "train.eval_every": 5000,
-                                "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)})
+    FULL = {"data": "mnist", "model.net.width": 256, "train.steps": 5000, "train.batch_size": 64,
+            "train.eval_every": 5000, "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)}
 
 
 def train_one(cfg: IOConfig, arm: str, lr: float, seed: int) -> tuple[nn.Module, datasets.Dataset, pd.DataFrame]:
@@ -208,10 +190,7 @@ def input_output(cfg: IOConfig) -> pd.DataFrame:
     bad = [a for a in cfg.arms if a not in ARMS]
     if bad or not cfg.arms:
         raise ValueError(f"arms must be among {ARMS}, got {list(cfg.arms)}")
-    t = cfg.tuning
-    sweep = runs(cfg, seeds=t.seeds, grid={"train.lr": t.grid})
-    choice = analysis.tune(sweep, param="lr", metric=t.metric, by=("arm",), seeds=t.seeds,
-                           report_seeds=cfg.seeds, allow_edge=t.allow_edge)
+    choice = choose(cfg)[1]
     out = []
     for arm, lr in zip(choice["arm"], choice["lr"]):
         for seed in cfg.seeds:
@@ -232,18 +211,17 @@ def final_table(df: pd.DataFrame, value: str) -> pd.DataFrame:
 def plot_input_output(df: pd.DataFrame, axes: Sequence | None = None):
     """Three panels, each arm at its tuned LR (mean ± sd over seeds): test accuracy, test
     loss, expected calibration error."""
-    import matplotlib.pyplot as plt
     import seaborn as sns
-    if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+
+    from .. import plots
+    axes = plots.new_axes(3, width=5.0, height=4.0)[1][0] if axes is None else axes
     b = df[df["kind"] == "final"]
     order = [a for a in ARMS if a in set(b["arm"])]
     for ax, col, title in zip(axes, ("accuracy", "loss", "ece"),
                               ("Test accuracy", "Test loss (cross-entropy)", "Expected calibration error")):
         sns.barplot(data=b, x="arm", y=col, order=order, errorbar=("sd", 1), ax=ax)
         sns.stripplot(data=b, x="arm", y=col, order=order, color="k", size=4, ax=ax)
-        ax.set_title(title)
-        ax.set_xlabel("")
+        ax.set(title=title, xlabel="")
         ax.tick_params(axis="x", rotation=20)
     axes[0].set_ylim(0.8, 1.0)
     return axes[0].figure

@@ -7,10 +7,6 @@ also record, through :class:`bnlib.probes.WeightNormTracker`, how the hidden wei
 grow (``kind="weights"``): a weight matrix followed by BN is scale invariant, so its
 gradient is orthogonal to it, plain SGD can only grow ``‖W‖`` and the angular step
 ``η/‖W‖²`` falls (Ioffe & Szegedy 2015 §3.3; van Laarhoven 2017; Arora et al. 2019).
-
-Read-outs: :func:`final_accuracy`, :func:`largest_usable`, :func:`times` (censored times
-to the target, never inf), :func:`choose` (each arm's rate, tuned for speed on the tuning
-seeds) and :func:`observed` (a run's time, or its budget when it never arrived).
 """
 from __future__ import annotations
 
@@ -21,15 +17,18 @@ import numpy as np
 import pandas as pd
 
 from .. import analysis
-from ..config import override
 from ..models import MLPSpec
-from ..probes import Probe, WeightNormTracker
-from ..protocol import Protocol, Tuning, arm_config, load_data, rows, runs
+from ..protocol import (
+    HiddenWeightNorms,
+    Protocol,
+    Tuning,
+    arm_config,
+    load_data,
+    rows,
+    runs,
+)
 from ..train import TrainSpec, fit
 from . import register
-
-__all__ = ["LRConfig", "lr_sweep", "final_accuracy", "largest_usable", "times", "choose",
-           "observed", "plot"]
 
 KEYS = ["arm", "lr", "seed"]
 
@@ -38,14 +37,12 @@ KEYS = ["arm", "lr", "seed"]
 class LRConfig(Protocol):
     """A plain and a BN MLP over a log-grid of learning rates; the quick preset."""
 
-    data: str = "digits"  # ships with scikit-learn: no download
     # 6 layers: deep enough that plain SGD blows up at large rates, small enough for the budget.
     # norm_impl="torch": torch's BatchNorm1d (the same function as bnlib's, chapter 1) is the
     # faster layer on a CPU today; it keeps 120 runs inside the notebook's time budget.
     model: MLPSpec = MLPSpec(depth=6, width=64, norm_impl="torch")
     train: TrainSpec = TrainSpec(momentum=0.9, steps=120, batch_size=64, eval_every=10,
                                  eval_splits=("val", "test"))  # a short fixed budget, SGD + momentum
-    seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds for every reported claim
     # the sweep grid is the tuning grid (three decades); tuning picks each arm's fastest rate
     # (restricted mean steps to the target) on two seeds disjoint from the reported ones
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0), seeds=(1000, 1001),
@@ -53,25 +50,9 @@ class LRConfig(Protocol):
     track_lrs: tuple[float, ...] = (0.1, 1.0, 3.0)  # rates whose weight norms are tracked
     track_seeds: tuple[int, ...] = (0, 1)  # the mechanism is deterministic enough for two
 
-    @classmethod
-    def full(cls) -> "LRConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 8, "model.width": 256,
-                                "train.steps": 3000, "train.eval_every": 50,
-                                "tuning.grid": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)})
-
-
-class _Norms(Probe):
-    """WeightNormTracker on every hidden layer of the network being trained (built inside
-    ``fit``, so the layers are known only at ``on_train_start``)."""
-
-    def __init__(self, every: int) -> None:
-        self.every, self.tracker = every, None
-
-    def on_train_start(self, model) -> None:
-        self.tracker = WeightNormTracker([b.layer for b in model.blocks], lr=1.0, every=self.every)
-
-    def __call__(self, info) -> None:
-        self.tracker(info)
+    FULL = {"data": "fashion_mnist", "model.depth": 8, "model.width": 256, "train.steps": 3000,
+            "train.eval_every": 50,
+            "tuning.grid": (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)}
 
 
 def _weights(cfg: LRConfig) -> pd.DataFrame:
@@ -80,7 +61,7 @@ def _weights(cfg: LRConfig) -> pd.DataFrame:
         acfg = arm_config(cfg, arm)
         for lr in cfg.track_lrs:
             for seed in cfg.track_seeds:
-                probe = _Norms(cfg.train.eval_every)
+                probe = HiddenWeightNorms(every=cfg.train.eval_every)
                 fit(acfg.model, dataclasses.replace(acfg.train, lr=lr), load_data(acfg), seed,
                     callbacks=[probe])
                 s = probe.tracker.summary()
@@ -118,10 +99,9 @@ def largest_usable(df: pd.DataFrame, target: float) -> pd.DataFrame:
 
 def times(df: pd.DataFrame, target: float, kind: str = "history") -> pd.DataFrame:
     """Censored steps to ``target`` validation accuracy per (arm, lr, seed): ``time`` (NaN
-    when not reached), ``reached`` and ``budget`` (the planned number of steps)."""
-    h = rows(df, kind)
-    budget = float(h.loc[h["split"] == "val", "step"].max())
-    return analysis.time_to_target(h, target, keys=KEYS, budget=budget)
+    when not reached), ``reached``, ``budget`` (the planned number of steps) and ``steps``
+    (:func:`bnlib.analysis.censored_times`)."""
+    return analysis.censored_times(rows(df, kind), target, keys=KEYS)
 
 
 def observed(ttt: pd.DataFrame) -> pd.DataFrame:

@@ -29,16 +29,10 @@ from .. import analysis, protocol
 from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec, Net
-from ..probes import Probe, WeightNormTracker, capture, frozen_batchnorm_buffers
+from ..probes import capture, frozen_batchnorm_buffers
 from ..protocol import Protocol, Tuning
 from ..train import TrainSpec, fit
 from . import register
-
-__all__ = ["variance_ratio", "dropout_disabled", "recompute_in_train_mode",
-           "weight_scaling_check", "HiddenWeightTracker", "dose", "VarianceShiftConfig",
-           "dropout_variance_shift", "ScalingConfig", "wd_weight_scaling", "WeightDecayConfig",
-           "weight_decay_bn", "GridConfig", "regularizer_grid", "grid_verdicts"]
-
 
 # --- measurements ---------------------------------------------------------------------
 
@@ -131,25 +125,6 @@ def weight_scaling_check(model: Net, x: Tensor, y: Tensor, layer: nn.Module,
     return out
 
 
-class HiddenWeightTracker(Probe):
-    """:class:`bnlib.probes.WeightNormTracker` on every hidden layer of the network that
-    :func:`bnlib.train.fit` builds (the layers exist only once training starts)."""
-
-    def __init__(self, lr: float, every: int = 25) -> None:
-        self.lr, self.every, self.tracker = lr, every, None
-        self.rows: list[dict] = []
-
-    def on_train_start(self, model: nn.Module) -> None:
-        self.tracker = WeightNormTracker([b.layer for b in model.blocks], lr=self.lr,
-                                         every=self.every)
-
-    def __call__(self, info) -> None:
-        self.tracker(info)
-
-    def frame(self) -> pd.DataFrame:
-        return self.tracker.frame()
-
-
 def dose(weight_decay: float, train: TrainSpec) -> float:
     """``λ·η·steps/(1−μ)``: the log of the factor by which weight decay alone would shrink a
     weight over the run (SGD with momentum μ; ‖W‖ × exp(−dose)). Of order one or more, the
@@ -159,12 +134,6 @@ def dose(weight_decay: float, train: TrainSpec) -> float:
 
 # --- variance shift -------------------------------------------------------------------
 
-def _dropout_arms() -> dict[str, dict[str, Any]]:
-    return {"BN": {"model.dropout": 0.0},
-            "dropout before BN": {"model.dropout_at": "blocks"},
-            "dropout after last BN": {"model.dropout_at": "head"}}
-
-
 @dataclass(frozen=True)
 class VarianceShiftConfig(Protocol):
     """A BN MLP with dropout nowhere, before every BN'd layer, or only after the last BN."""
@@ -172,13 +141,13 @@ class VarianceShiftConfig(Protocol):
     model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch", dropout=0.5)  # p = 0.5: the shift is 1/(1-p)-sized
     train: TrainSpec = TrainSpec(lr=0.1, momentum=0.9, steps=150, eval_every=150,
                                  eval_splits=("test",))  # long enough for the running stats to settle
-    arms: dict[str, dict[str, Any]] = field(default_factory=_dropout_arms)
+    arms: dict[str, dict[str, Any]] = field(default_factory=lambda: {
+        "BN": {"model.dropout": 0.0}, "dropout before BN": {"model.dropout_at": "blocks"},
+        "dropout after last BN": {"model.dropout_at": "head"}})
     seeds: tuple[int, ...] = (0, 1)  # a mechanism: the asserts hold for every seed
 
-    @classmethod
-    def full(cls) -> "VarianceShiftConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 6, "model.width": 512,
-                                "train.steps": 5000, "train.eval_every": 5000})
+    FULL = {"data": "fashion_mnist", "model.depth": 6, "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 5000}
 
 
 @register("dropout_variance_shift", VarianceShiftConfig, title="Dropout before BN: the variance shift",
@@ -215,9 +184,7 @@ class ScalingConfig(Protocol):
     factor: float = 10.0  # the scale applied to the weight
     probe_batch: int = 256  # examples in the one forward/backward pass
 
-    @classmethod
-    def full(cls) -> "ScalingConfig":
-        return override(cls(), {"model.depth": 6, "model.width": 512, "factor": 100.0})
+    FULL = {"model.depth": 6, "model.width": 512, "factor": 100.0}
 
 
 @register("wd_weight_scaling", ScalingConfig, title="Scaling a BN'd weight: same loss, smaller gradient",
@@ -254,11 +221,8 @@ class WeightDecayConfig(Protocol):
     seeds: tuple[int, ...] = (0, 1)  # a mechanism: the asserts hold for every seed
     every: int = 25  # steps between norm records
 
-    @classmethod
-    def full(cls) -> "WeightDecayConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.depth": 4, "model.width": 512,
-                                "train.steps": 10000, "train.eval_every": 1000,
-                                "weight_decays": (0.0, 3e-5, 3e-4), "every": 250})
+    FULL = {"data": "fashion_mnist", "model.depth": 4, "model.width": 512, "train.steps": 10000,
+            "train.eval_every": 1000, "weight_decays": (0.0, 3e-5, 3e-4), "every": 250}
 
 
 @register("weight_decay_bn", WeightDecayConfig, title="Weight decay on BN'd weights: the effective LR",
@@ -274,26 +238,24 @@ def weight_decay_bn(cfg: WeightDecayConfig) -> pd.DataFrame:
     for wd in cfg.weight_decays:
         spec = override(protocol.train_spec(cfg), {"weight_decay": wd})
         for seed in cfg.seeds:
-            probe = HiddenWeightTracker(spec.lr, cfg.every)
+            probe = protocol.HiddenWeightNorms(spec.lr, cfg.every)
             h = fit(cfg.model, spec, data, seed, callbacks=[probe])
             val = analysis.final(h.assign(run=0), split="val", keys=["run"])["accuracy"].iloc[0]
-            frames.append(probe.frame().assign(weight_decay=wd, dose=dose(wd, spec), seed=seed,
+            frames.append(probe.tracker.frame().assign(weight_decay=wd, dose=dose(wd, spec), seed=seed,
                                                val_accuracy=val))
     return pd.concat(frames, ignore_index=True)
 
 
 def plot_weight_decay(df: pd.DataFrame):
     """‖W‖/‖W₀‖ and η/‖W‖² of the last hidden layer along training, one line per dose."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    from .. import plots
     d = df[df["layer"] == df["layer"].max()].assign(
         dose=lambda t: [f"λ={w:g} (dose {x:.2g})" for w, x in zip(t["weight_decay"], t["dose"])])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
-    sns.lineplot(data=d, x="step", y="w_ratio", hue="dose", errorbar=("sd", 1), ax=axes[0])
-    sns.lineplot(data=d, x="step", y="lr_over_w2", hue="dose", errorbar=("sd", 1), ax=axes[1])
-    axes[0].set_ylabel("‖W‖ / ‖W₀‖ (last hidden layer)")
-    axes[1].set_ylabel("effective LR  η / ‖W‖²")
-    axes[1].set_yscale("log")
+    fig, axes = plots.new_axes(2, width=5.5)
+    for ax, y, label in zip(axes[0], ("w_ratio", "lr_over_w2"),
+                            ("‖W‖ / ‖W₀‖ (last hidden layer)", "effective LR  η / ‖W‖²")):
+        plots.draw_curves(d, y=y, hue="dose", split=None, logy=y == "lr_over_w2", ax=ax)
+        ax.set_ylabel(label)
     return fig
 
 
@@ -305,32 +267,25 @@ def _grid_arms() -> dict[str, dict[str, Any]]:
             "BN + WD": {"train.weight_decay": 2e-2}}  # dose 0.4–4 over the lr grid
 
 
-def _grid_data() -> dict[str, dict[str, Any]]:
-    return {"digits": {"n_train": 300}, "mnist1d": {"n_train": 1000}}
-
-
 @dataclass(frozen=True)
 class GridConfig(Protocol):
     """BN alone vs BN + dropout vs BN + weight decay; lr tuned per arm; two data sets."""
 
-    datasets: dict[str, dict[str, Any]] = field(default_factory=_grid_data)  # small training sets: something to regularize; MNIST-1D is far from its ceiling
+    # small training sets: something to regularize; MNIST-1D is far from its ceiling
+    datasets: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"digits": {"n_train": 300}, "mnist1d": {"n_train": 1000}})
     model: MLPSpec = MLPSpec(depth=2, width=64, norm="batch")  # small enough for 8 seeds × 2 data sets
     train: TrainSpec = TrainSpec(lr=0.03, momentum=0.9, steps=200, eval_every=200,
                                  eval_splits=("val", "test"))
     arms: dict[str, dict[str, Any]] = field(default_factory=_grid_arms)
-    seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds: enough for TOST
     # three points to fit the time budget; edge choices allowed and flagged (see chapter text)
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1), seeds=(1000, 1001), allow_edge=True)
     margin: float = 0.01  # smallest test-accuracy difference that matters (1 point), declared before the run
 
-    @classmethod
-    def full(cls) -> "GridConfig":
-        return override(cls(), {"datasets": {"fashion_mnist": {"n_train": 5000},
-                                             "mnist1d": {"n_train": None}},
-                                "model.depth": 4, "model.width": 512, "train.steps": 5000,
-                                "train.eval_every": 5000,
-                                "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3),
-                                "arms": {**_grid_arms(), "BN + WD": {"train.weight_decay": 1e-3}}})
+    FULL = {"datasets": {"fashion_mnist": {"n_train": 5000}, "mnist1d": {"n_train": None}},
+            "model.depth": 4, "model.width": 512, "train.steps": 5000, "train.eval_every": 5000,
+            "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3),
+            "arms": {**_grid_arms(), "BN + WD": {"train.weight_decay": 1e-3}}}
 
 
 @register("regularizer_grid", GridConfig, title="BN alone vs BN + dropout vs BN + weight decay",
@@ -362,8 +317,7 @@ def grid_verdicts(df: pd.DataFrame, cfg: GridConfig) -> pd.DataFrame:
     for k, c in out.items():
         data, arm = k.split(": ")[0], k.split(": ")[1].split(" − ")[0]
         wd = override(cfg, cfg.arms[arm]).train.weight_decay
-        rows.append(dict(comparison=k, data=data, arm=arm, verdict=c.verdict, mean=c.diff.mean,
-                         ci_low=c.diff.ci_low, ci_high=c.diff.ci_high, p=c.p, p_tost=c.p_tost,
+        rows.append(dict(comparison=k, data=data, arm=arm, **c.row(),
                          lr_x=lrs[(data, arm)], lr_bn=lrs[(data, "BN")],
                          dose=dose(wd, override(cfg.train, {"lr": lrs[(data, arm)]}))))
     return pd.DataFrame(rows)

@@ -29,9 +29,6 @@ from ..protocol import Protocol, Tuning, rows, runs
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["LogisticRegression", "LogRegSpec", "ShallowConfig", "shallow_nets", "as_of",
-           "choices", "reported", "plot_shallow", "rows"]
-
 
 class LogisticRegression(nn.Module):
     """Multinomial logistic regression ``x ↦ W x + b``, optionally after a batch norm on the
@@ -84,16 +81,16 @@ class ShallowConfig(Protocol):
     datasets: tuple[str, ...] = ("digits", "mnist1d")  # digits sits at its ceiling; MNIST-1D does not
     logreg_on: tuple[str, ...] = ("digits",)  # logistic regression runs one by one: one data set
     model: MLPSpec | CNNSpec | LogRegSpec = MLPSpec(depth=1, width=128)  # "shallow": one hidden layer
-    train: TrainSpec = TrainSpec(momentum=0.9, steps=300, batch_size=64, eval_every=25)  # a few hundred steps
+    # a few hundred steps, evaluated at the early horizon and every 50 steps after it (the choices
+    # and verdicts read the evaluations at early_step and at the end only)
+    train: TrainSpec = TrainSpec(momentum=0.9, steps=300, batch_size=64, eval_every=50)
     arms: dict[str, dict[str, Any]] = field(default_factory=_arms)
     tuning: Tuning = Tuning(grid=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0))  # wide enough that no choice is at an edge
     early_step: int = 50  # "speed": accuracy after the first few epochs' worth of steps
     margin: float = 0.01  # a test-accuracy difference under 1 point does not matter
 
-    @classmethod
-    def full(cls) -> "ShallowConfig":
-        return override(cls(), {"datasets": ("mnist1d", "fashion_mnist"), "model.width": 512,
-                                "train.steps": 5000, "train.eval_every": 250, "early_step": 250})
+    FULL = {"datasets": ("mnist1d", "fashion_mnist"), "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 250, "early_step": 250}
 
 
 def as_of(df: pd.DataFrame, step: int) -> pd.DataFrame:
@@ -133,19 +130,17 @@ def reported(df: pd.DataFrame, cfg: ShallowConfig, horizon: int) -> pd.DataFrame
 
 def plot_shallow(df: pd.DataFrame):
     """Validation accuracy over steps, reported seeds, each arm at its final-horizon choice."""
-    import matplotlib.pyplot as plt
-    from ..plots import draw_curves
+    from ..plots import draw_curves, facets
     cfg = df.attrs.get("config") or ShallowConfig()
     pick = choices(rows(df, "tuning"), cfg)
     hist = rows(df, "history").merge(pick[pick["horizon"] == cfg.train.steps][["data", "arm", "lr"]])
-    names = list(dict.fromkeys(hist["data"]))
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), constrained_layout=True,
-                             squeeze=False)
-    for ax, name in zip(axes[0], names):
+
+    def draw(name, ax):
         draw_curves(hist[(hist["data"] == name) & (hist["step"] > 0)], split="val", ax=ax, title=name)
         ax.axvline(cfg.early_step, color="k", lw=0.8, ls=":")
         ax.set_ylabel("val accuracy")
-    return fig
+
+    return facets(dict.fromkeys(hist["data"]), draw, width=5.5)
 
 
 @register("shallow_nets", ShallowConfig, title="Shallow nets: BN vs standardised inputs",

@@ -19,6 +19,7 @@ offset; three severities each) with three ways of setting BN's statistics at tes
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from dataclasses import dataclass
@@ -32,9 +33,6 @@ from ..inference import recompute_batchnorm_stats
 from ..nn import BatchNorm1d, batchnorm_layers
 from ..train import resolve_device, seeded, train
 from . import Config, register
-
-__all__ = ["CNN1d", "ShiftConfig", "shifted", "adapt_batchnorm_stats", "grouped_accuracy",
-           "bn_under_shift", "plot_severity", "plot_batch_size", "SHIFT_KINDS"]
 
 SHIFT_KINDS = ("noise", "contrast", "offset")
 
@@ -224,12 +222,12 @@ def bn_under_shift(cfg: ShiftConfig) -> pd.DataFrame:
     test = ds.test.to(dev)
     for seed in cfg.seeds:
         net = fit(cfg, seed)
-        precise = recompute_batchnorm_stats(_copy(net), ds.train.x.to(dev))
+        precise = recompute_batchnorm_stats(copy.deepcopy(net), ds.train.x.to(dev))
         for kind, level in cfg.conditions():
             x = shifted(test.x, kind, level, seed=1000 + int(10 * level))
             base = dict(seed=seed, shift=kind, level=level)
             whole = dict(batch_size=len(x), prior=math.inf)
-            adapted = adapt_batchnorm_stats(_copy(net), x, prior=cfg.adapt_prior)
+            adapted = adapt_batchnorm_stats(copy.deepcopy(net), x, prior=cfg.adapt_prior)
             for method, model in (("running", net), ("recomputed", precise), ("adapted", adapted)):
                 rows.append(dict(base, method=method, batch_size=math.nan,
                                  prior=cfg.adapt_prior if method == "adapted" else math.inf,
@@ -239,11 +237,6 @@ def bn_under_shift(cfg: ShiftConfig) -> pd.DataFrame:
                                  accuracy=grouped_accuracy(net, x, test.y, batch_size=b,
                                                            prior=n_prior)))
     return pd.DataFrame(rows)
-
-
-def _copy(net: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(net)
 
 
 def _label(method: str, b: float, prior: float) -> str:

@@ -21,7 +21,6 @@ Both return tidy rows: one per run and evaluation (``eval``: ``running``, ``prec
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -31,18 +30,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .. import analysis
 from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
-from ..protocol import Protocol, Tuning, arm_config, load_data, rows, runs
+from ..protocol import Protocol, Tuning, arm_config, choose, load_data, train_spec, trained
 from ..train import TrainSpec, fit
 from . import register
-
-__all__ = ["SmallBatchConfig", "NonIIDConfig", "small_batches", "non_iid_batches",
-           "class_sorted_batches", "two_sample_normalisation", "pooled_values", "final_table",
-           "plot_small_batches", "plot_non_iid"]
-
 
 # --- the mechanics --------------------------------------------------------------------
 
@@ -107,7 +100,6 @@ def class_sorted_batches(labels: Tensor, *, shuffle_blocks: bool = True
     return sampler
 
 
-
 def _evaluations(net, data, *, norm: str, batch_size: int, diverged: bool,
                  extra: bool) -> list[dict]:
     """Test (and val) accuracy of a trained net in eval mode; for BN also with precise
@@ -127,21 +119,25 @@ def _evaluations(net, data, *, norm: str, batch_size: int, diverged: bool,
     return out
 
 
-def _one(cfg: Protocol, arm: str, seed: int, *, lr: float, batch_size: int, sampler: str,
-         extra: bool) -> list[dict]:
-    acfg = arm_config(cfg, arm)
-    data = load_data(acfg)
-    spec = override(acfg, {"train.lr": lr, "train.batch_size": batch_size}).train
-    if cfg.device != "auto":
-        spec = dataclasses.replace(spec, device=cfg.device)
-    hist = fit(acfg.model, spec, data, seed,
-               sampler=class_sorted_batches(data.train.y) if sampler == "class-sorted" else None)
-    net = hist.attrs["model"]
-    data = data.to(next(net.parameters()).device)
-    evals = _evaluations(net, data, norm=acfg.model.norm, batch_size=batch_size,
-                         diverged=bool(hist["diverged"].any()), extra=extra)
-    return [dict(arm=arm, seed=seed, lr=lr, batch_size=batch_size, sampler=sampler,
-                 diverged=bool(hist["diverged"].any()), **e) for e in evals]
+def _reported(cfg: Protocol, arm: str, *, lr: float, batch_size: int, sampler: str,
+              extra: bool) -> list[dict]:
+    """Train ``arm`` at ``lr`` on every reported seed and evaluate each run. Shuffled batches
+    of an arm the stacked engine supports (BN) train all seeds at once; the rest one by one."""
+    c = arm_config(override(cfg, {"train.lr": lr, "train.batch_size": batch_size}), arm)
+    if sampler == "shuffled":
+        done = trained(c, arms=[arm], stacked=True)
+    else:
+        data = load_data(c)
+        done = ((arm, s, h, h.attrs.pop("model"), data) for s in cfg.seeds for h in
+                [fit(c.model, train_spec(c), data, s, sampler=class_sorted_batches(data.train.y))])
+    out = []
+    for _, seed, hist, net, data in done:
+        div = bool(hist["diverged"].any())
+        evals = _evaluations(net, data.to(next(net.parameters()).device), norm=c.model.norm,
+                             batch_size=batch_size, diverged=div, extra=extra)
+        out += [dict(arm=arm, seed=seed, lr=lr, batch_size=batch_size, sampler=sampler,
+                     diverged=div, **e) for e in evals]
+    return out
 
 
 def _grid(cfg: "SmallBatchConfig", batch_size: int) -> tuple[float, ...]:
@@ -149,35 +145,26 @@ def _grid(cfg: "SmallBatchConfig", batch_size: int) -> tuple[float, ...]:
                  for f in cfg.lr_factors)
 
 
-def _choose(cfg: Protocol, grid: tuple[float, ...], batch_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Tune each arm's learning rate at ``batch_size`` (validation, tuning seeds)."""
-    c = override(cfg, {"train.batch_size": batch_size, "train.eval_every": cfg.train.steps,
-                       "train.eval_splits": ("val",), "tuning.grid": grid})
-    sweep = rows(_sweep(c), "tuning")
-    t = c.tuning
-    choice = analysis.tune(sweep, param="lr", by=("arm",), seeds=t.seeds, report_seeds=cfg.seeds,
-                           allow_edge=t.allow_edge)
-    return sweep, choice
+def _choose(cfg: Protocol, grid: tuple[float, ...], batch_size: int) -> pd.DataFrame:
+    """Each arm's learning rate at ``batch_size``, tuned on validation with the tuning seeds."""
+    return choose(override(cfg, {"train.batch_size": batch_size, "train.eval_every": cfg.train.steps,
+                                 "train.eval_splits": ("val",), "tuning.grid": grid}))[1]
 
 
-def _sweep(c: Protocol) -> pd.DataFrame:
-
-    return runs(c, seeds=c.tuning.seeds, grid={"train.lr": c.tuning.grid}).assign(kind="tuning")
-
-
-def _arms_small() -> dict:
+def _bn_ln() -> dict:
     return {"BN": {"model.norm": "batch"}, "LN": {"model.norm": "layer"}}
+
+
+_FULL_ARMS = {**_bn_ln(), "GN": {"model.norm": "group"}, "plain": {"model.norm": "none"}}
 
 
 @dataclass(frozen=True)
 class SmallBatchConfig(Protocol):
     """BN vs LayerNorm at a tiny and a normal batch size, learning rate tuned per arm and size."""
 
-    data: str = "digits"                               # ships with scikit-learn: no download
     model: MLPSpec = MLPSpec(depth=3, width=64, norm_impl="torch")  # an MLP: BatchNorm1d pools over the batch only
     train: TrainSpec = TrainSpec(steps=150, eval_every=150)  # same steps at every batch size
-    arms: dict = field(default_factory=_arms_small)     # full adds GN and plain
-    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum
+    arms: dict = field(default_factory=_bn_ln)         # full adds GN and plain
     tuning: Tuning = Tuning(seeds=(1000, 1001, 1002))  # never reported; choices never at the grid's edge
     batch_sizes: tuple[int, ...] = (2, 64)             # degenerate vs healthy
     base_lr: float = 0.2                               # the rate at the reference batch
@@ -185,13 +172,9 @@ class SmallBatchConfig(Protocol):
     lr_factors: tuple[float, ...] = (0.25, 1.0, 4.0, 16.0)  # the tuning grid, ×4 steps around the rule
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "SmallBatchConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "batch_sizes": (2, 4, 8, 32, 128),
-                                "lr_factors": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
-                                "arms": {"BN": {"model.norm": "batch"}, "LN": {"model.norm": "layer"},
-                                         "GN": {"model.norm": "group"}, "plain": {"model.norm": "none"}}})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "batch_sizes": (2, 4, 8, 32, 128), "lr_factors": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+            "arms": _FULL_ARMS}
 
 
 @register("small_batches", SmallBatchConfig, title="BN vs LayerNorm across batch sizes",
@@ -205,37 +188,26 @@ def small_batches(cfg: SmallBatchConfig) -> pd.DataFrame:
         raise ValueError(f"lr_factors must be positive, got {cfg.lr_factors}")
     out, choices = [], []
     for b in cfg.batch_sizes:
-        _, choice = _choose(cfg, _grid(cfg, b), b)
+        choice = _choose(cfg, _grid(cfg, b), b)
         choices.append(choice.assign(batch_size=b))
         for arm, lr in zip(choice["arm"], choice["lr"]):
-            for seed in cfg.seeds:
-                out += _one(cfg, arm, seed, lr=float(lr), batch_size=b, sampler="shuffled", extra=False)
+            out += _reported(cfg, arm, lr=float(lr), batch_size=b, sampler="shuffled", extra=False)
     return pd.concat([pd.DataFrame(out).assign(kind="final"),
                       pd.concat(choices, ignore_index=True).assign(kind="choice")], ignore_index=True)
-
-
-def _arms_iid() -> dict:
-    return {"BN": {"model.norm": "batch"}, "LN": {"model.norm": "layer"}}
 
 
 @dataclass(frozen=True)
 class NonIIDConfig(Protocol):
     """Shuffled vs class-sorted batches of 32 for BN and LayerNorm, paired by seed."""
 
-    data: str = "digits"                               # ships with scikit-learn: no download
     model: MLPSpec = MLPSpec(depth=3, width=64, norm_impl="torch")  # the small-batch network
     train: TrainSpec = TrainSpec(steps=150, batch_size=32, eval_every=150)  # a healthy batch size
-    arms: dict = field(default_factory=_arms_iid)      # full adds GN and plain
-    seeds: tuple[int, ...] = tuple(range(8))           # 8 paired seeds: the house minimum
+    arms: dict = field(default_factory=_bn_ln)         # full adds GN and plain
     tuning: Tuning = Tuning(grid=(0.03, 0.1, 0.3, 1.0))  # tuned on shuffled batches, per arm
     margin: float = 0.02                               # smallest test-accuracy difference that matters
 
-    @classmethod
-    def full(cls) -> "NonIIDConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "train.batch_size": 64,
-                                "arms": {"BN": {"model.norm": "batch"}, "LN": {"model.norm": "layer"},
-                                         "GN": {"model.norm": "group"}, "plain": {"model.norm": "none"}}})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "train.batch_size": 64, "arms": _FULL_ARMS}
 
 
 @register("non_iid_batches", NonIIDConfig, title="Shuffled vs class-sorted batches",
@@ -246,12 +218,11 @@ def non_iid_batches(cfg: NonIIDConfig) -> pd.DataFrame:
     b = cfg.train.batch_size
     if b < 2:
         raise ValueError(f"batch_size must be ≥ 2, got {b}")
-    _, choice = _choose(cfg, cfg.tuning.grid, b)
+    choice = _choose(cfg, cfg.tuning.grid, b)
     out = []
     for arm, lr in zip(choice["arm"], choice["lr"]):
         for sampler in ("shuffled", "class-sorted"):
-            for seed in cfg.seeds:
-                out += _one(cfg, arm, seed, lr=float(lr), batch_size=b, sampler=sampler, extra=True)
+            out += _reported(cfg, arm, lr=float(lr), batch_size=b, sampler=sampler, extra=True)
     return pd.concat([pd.DataFrame(out).assign(kind="final"), choice.assign(kind="choice")],
                      ignore_index=True)
 
@@ -269,6 +240,7 @@ def plot_small_batches(df: pd.DataFrame, ax=None):
     BN with precise statistics and with batch statistics added."""
     import matplotlib.pyplot as plt
     import seaborn as sns
+
     from .. import plots
     ax = ax or plt.gca()
     f = df[df["kind"] == "final"].copy()
@@ -277,11 +249,9 @@ def plot_small_batches(df: pd.DataFrame, ax=None):
     sns.lineplot(data=f, x="batch_size", y="test_acc", hue="curve", style="eval", marker="o",
                  errorbar=("sd", 1), palette=pal, ax=ax)
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(f["batch_size"].unique()))
-    ax.set_xticklabels([str(int(b)) for b in sorted(f["batch_size"].unique())])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy against batch size")
+    sizes = sorted(f["batch_size"].unique())
+    ax.set(xticks=sizes, xticklabels=[str(int(b)) for b in sizes], xlabel="batch size",
+           ylabel="test accuracy", title="Accuracy against batch size")
     return ax.figure
 
 
@@ -292,8 +262,6 @@ def plot_non_iid(df: pd.DataFrame, ax=None):
     ax = ax or plt.gca()
     f = df[(df["kind"] == "final") & (df["eval"] == "running")]
     sns.barplot(data=f, x="arm", y="test_acc", hue="sampler", errorbar=("sd", 1), ax=ax)
-    ax.set_ylabel("test accuracy (eval mode)")
-    ax.set_xlabel("")
-    ax.set_ylim(0, 1)
-    ax.set_title("Shuffled vs class-sorted batches")
+    ax.set(ylabel="test accuracy (eval mode)", xlabel="", ylim=(0, 1),
+           title="Shuffled vs class-sorted batches")
     return ax.figure
