@@ -317,13 +317,14 @@ def test_batchrenorm_errors():
         BatchRenorm1d(3)(torch.randn(1, 3))
 
 
-# --- Ghost batch norm --------------------------------------------------------------------
+# --- Ghost batch norm (bnlib.nn.GhostBatchNorm, re-exported by bnlib.norms) ---------------
 
+@pytest.mark.parametrize("policy", ["each", "first"])
 @pytest.mark.parametrize("shape", [(8, 3), (8, 3, 5), (8, 3, 2, 2)], ids=str)
-def test_ghost_bn_with_one_ghost_is_batchnorm(shape):
+def test_ghost_bn_with_one_ghost_is_torch_batchnorm(shape, policy):
     torch.manual_seed(0)
-    ours = GhostBatchNorm(3, virtual_batch_size=8)
-    ref = (BatchNorm2d if len(shape) == 4 else BatchNorm1d)(3)
+    ours = GhostBatchNorm(3, virtual_batch_size=8, running_stats=policy)
+    ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(3)
     x = torch.randn(*shape, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     y, y_ref = ours(x), ref(x2)
@@ -331,24 +332,50 @@ def test_ghost_bn_with_one_ghost_is_batchnorm(shape):
     y.backward(torch.ones_like(y) + x.detach())
     y_ref.backward(torch.ones_like(y) + x.detach())
     torch.testing.assert_close(x.grad, x2.grad)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], v)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x2))
 
 
-def test_ghost_bn_normalises_each_ghost_on_its_own():
+@pytest.mark.parametrize("policy", ["each", "first"])
+def test_ghost_bn_normalises_each_ghost_like_torch_and_updates_by_policy(policy):
     torch.manual_seed(0)
-    x = torch.randn(12, 3) * 4 + 2
-    y = GhostBatchNorm(3, virtual_batch_size=4, affine=False)(x)
-    for chunk_x, chunk_y in zip(x.split(4), y.split(4)):
-        torch.testing.assert_close(chunk_y, BatchNorm1d(3, affine=False)(chunk_x))
-    m = GhostBatchNorm(3, virtual_batch_size=4, momentum=1.0)
-    m(x)
-    torch.testing.assert_close(m.running_mean, torch.stack([c.mean(0) for c in x.split(4)]).mean(0))
-    torch.testing.assert_close(m.running_var, torch.stack([c.var(0) for c in x.split(4)]).mean(0))
-    with pytest.raises(ValueError, match="ghost"):
-        GhostBatchNorm(3, virtual_batch_size=4)(torch.randn(5, 3))   # a last ghost of one
+    x = torch.randn(12, 3, 5) * 4 + 2
+    ours = GhostBatchNorm(3, virtual_batch_size=4, running_stats=policy)
+    ref = nn.BatchNorm1d(3)
+    y = ours(x)
+    chunks = x.split(4)
+    for i, (cx, cy) in enumerate(zip(chunks, y.split(4))):
+        if policy == "each" or i == 0:       # torch's BN sees the ghosts that update the buffers
+            torch.testing.assert_close(cy, ref(cx))
+        else:
+            torch.testing.assert_close(cy, nn.BatchNorm1d(3)(cx))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == (3 if policy == "each" else 1)
+    assert ours(torch.randn(10, 3, 5)).shape == (10, 3, 5)   # ragged: 2 ghosts of 5
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        GhostBatchNorm(3)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="virtual_batch_size"):
         GhostBatchNorm(3, virtual_batch_size=1)
+    with pytest.raises(ValueError, match="running_stats"):
+        GhostBatchNorm(3, running_stats="mean")
+
+
+def test_use_ghost_batchnorm_keeps_state_and_is_bn_with_one_ghost():
+    from bnlib.nn import GhostBatchNorm1d, use_ghost_batchnorm
+    torch.manual_seed(0)
+    net = mlp(5, 3, depth=2, width=6, norm="batch").double()
+    ref = mlp(5, 3, depth=2, width=6, norm="batch").double()
+    ref.load_state_dict(net.state_dict())
+    use_ghost_batchnorm(net, virtual_batch_size=16, running_stats="first")
+    assert all(type(b.norm) is GhostBatchNorm1d and b.norm.running_mean.dtype == torch.float64
+               for b in net.blocks)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref(x))
+    with pytest.raises(ValueError, match="no bnlib BatchNorm1d"):
+        use_ghost_batchnorm(nn.Linear(3, 3))
 
 
 # --- Weight Standardization --------------------------------------------------------------
