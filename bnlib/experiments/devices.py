@@ -3,7 +3,7 @@
 Data-parallel training on ``k`` devices cuts every global batch of ``B`` examples into
 ``k`` slices of ``B / k``. A plain batch norm on each device normalises its slice with the
 slice's statistics: that *is* ghost batch norm with ghost batches of ``B / k``
-(:class:`~bnlib.experiments.generalization.GhostBatchNorm1d`). A synchronised batch norm
+(:class:`bnlib.nn.GhostBatchNorm`, running statistics of ghost batch 0 as on rank 0). A synchronised batch norm
 (:class:`bnlib.distributed.SyncBatchNorm`) normalises with the statistics of the whole
 global batch: that is full-batch BN on one device. Three measurements:
 
@@ -15,13 +15,13 @@ global batch: that is full-batch BN on one device. Three measurements:
 * :func:`sync_cost`: the per-step time of a SyncBN forward+backward against a local BN in
   2 CPU processes joined by gloo (loopback TCP; not a statement about GPUs and NCCL).
 
-The equivalence test is a paired TOST done here with scipy (:func:`equivalence`).
+Paired differences and equivalence tests are :mod:`bnlib.analysis`'s (pair on the seed, arm
+column ``devices``).
 """
 from __future__ import annotations
 
 import copy
 import functools
-import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -33,15 +33,13 @@ from torch import nn
 
 from .. import data as datasets
 from .. import distributed as D
-from .. import functional as BF
 from ..models import mlp
-from ..nn import BatchNorm1d, BatchNorm2d
+from ..nn import BatchNorm1d, BatchNorm2d, use_ghost_batchnorm
 from ..train import seeded, train
 from . import Config, register, sweep
-from ..nn import use_ghost_batchnorm
 
-__all__ = ["PerDeviceBatchNorm1d", "per_device", "DevicesConfig", "fit_devices", "across_devices", "equivalence", "paired",
-           "real_runs_match", "sync_cost", "plot_devices"]
+__all__ = ["per_device", "DevicesConfig", "fit_devices", "across_devices", "real_runs_match",
+           "sync_cost", "plot_devices"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -49,80 +47,16 @@ def _load(name: str) -> datasets.Dataset:
     return datasets.load(name)
 
 
-class PerDeviceBatchNorm1d(BatchNorm1d):
-    """What ``devices`` data-parallel devices, each with a plain batch norm, compute, in one
-    process and one vectorised call.
-
-    Training mode: the batch is cut into ``devices`` contiguous slices (as
-    :func:`bnlib.distributed.shard` does) and each slice is normalised with its own
-    statistics, so outputs and gradients are those of ghost batch norm with ghost batches
-    of ``B / devices`` (:class:`~bnlib.experiments.generalization.GhostBatchNorm1d`). The
-    running statistics follow *slice 0 only*: that is rank 0's buffers, which DDP
-    broadcasts by default and which a checkpoint saved on rank 0 holds. (Ghost BN instead
-    updates them once per ghost batch.) Evaluation mode is a plain batch norm.
-    """
-
-    def __init__(self, num_features: int, devices: int = 2, **kwargs) -> None:
-        if not isinstance(devices, int) or devices < 1:
-            raise ValueError(f"devices must be a positive int, got {devices!r}")
-        super().__init__(num_features, **kwargs)
-        self.devices = devices
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.devices == 1:
-            return super().forward(input)
-        self._check_input_dim(input)
-        k, c, rest = self.devices, input.shape[1], input.shape[2:]
-        if len(input) % k or len(input) // k < 2:
-            raise ValueError(f"a batch of {len(input)} does not split into {k} slices of ≥ 2")
-        m = len(input) // k
-        # (B, C, ...) -> (m, k·C, ...): channel j·C + c is channel c of slice j
-        xs = input.reshape(k, m, *input.shape[1:]).transpose(0, 1).reshape(m, k * c, *rest)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        track = self.track_running_stats and self.running_mean is not None
-        if track:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        rm = self.running_mean.repeat(k) if track else None
-        rv = self.running_var.repeat(k) if track else None
-        out = BF.batch_norm(xs, rm, rv, None if self.weight is None else self.weight.repeat(k),
-                            None if self.bias is None else self.bias.repeat(k), True, momentum,
-                            self.eps)
-        if track:  # rank 0's running statistics
-            with torch.no_grad():
-                self.running_mean.copy_(rm[:c])
-                self.running_var.copy_(rv[:c])
-        return out.reshape(m, k, c, *rest).transpose(0, 1).reshape(input.shape)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", devices={self.devices}"
-
-
-def per_device(model: nn.Module, devices: int) -> nn.Module:
-    """Replace every :class:`bnlib.nn.BatchNorm1d` of ``model`` by a
-    :class:`PerDeviceBatchNorm1d` with the same options, state, device and dtype; in place,
-    returns ``model``."""
-    for name, child in model.named_children():
-        if type(child) is BatchNorm1d:
-            new = PerDeviceBatchNorm1d(child.num_features, devices, eps=child.eps,
-                                       momentum=child.momentum, affine=child.affine,
-                                       track_running_stats=child.track_running_stats,
-                                       bias=child.bias is not None or not child.affine)
-            ref = child.weight if child.weight is not None else child.running_mean
-            if ref is not None:
-                new.to(device=ref.device, dtype=ref.dtype)
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
-            setattr(model, name, new)
-        else:
-            per_device(child, devices)
-    return model
-
-
-def _model(ds: datasets.Dataset, devices: int, width: int, depth: int) -> nn.Module:
+def _model(ds: datasets.Dataset, devices: int, batch_size: int, width: int, depth: int) -> nn.Module:
     net = mlp(ds.num_features, ds.num_classes, depth=depth, width=width, norm="batch")
-    return per_device(net, devices) if devices > 1 else net
+    return per_device(net, batch_size // devices) if devices > 1 else net
+
+
+def per_device(model: nn.Module, per_device_batch: int) -> nn.Module:
+    """``model`` with the batch norms of ``B / per_device_batch`` data-parallel devices:
+    ghost batch norm over ghost batches of ``per_device_batch`` whose running statistics
+    follow ghost batch 0, as rank 0's do (:class:`bnlib.nn.GhostBatchNorm`); in place."""
+    return use_ghost_batchnorm(model, per_device_batch, running_stats="first")
 
 
 @torch.no_grad()
@@ -147,7 +81,7 @@ def fit_devices(*, seed: int, devices: int, dataset: str = "digits", batch_size:
     if devices < 1 or batch_size % devices or batch_size // devices < 2:
         raise ValueError(f"batch_size {batch_size} must split into {devices} slices of ≥ 2")
     ds = _load(dataset)
-    net = seeded(seed, lambda: _model(ds, devices, width, depth))
+    net = seeded(seed, lambda: _model(ds, devices, batch_size, width, depth))
     hist = train(net, ds, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed,
                  eval_every=steps, eval_splits=("val", "test"), device=device)
     last = hist[hist["step"] == hist["step"].max()].set_index("split")["accuracy"]
@@ -182,11 +116,13 @@ class DevicesConfig(Config):
 def plot_devices(df: pd.DataFrame):
     """Test accuracy and train/eval gap against the per-device batch (mean ± 95% CI)."""
     import matplotlib.pyplot as plt
-    from ..stats import summarize
+    from scipy import stats
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, col, label in zip(axes, ["test_acc", "gap"],
                               ["test accuracy (eval mode)", "train-mode − eval-mode val accuracy"]):
-        s = summarize(df, "per_device", col).sort_values("per_device")
+        s = df.groupby("per_device")[col].agg(["mean", "sem", "count"]).reset_index()
+        half = s["sem"] * stats.t.ppf(0.975, s["count"] - 1)          # 95% t-interval
+        s = s.assign(ci_low=s["mean"] - half, ci_high=s["mean"] + half)
         sync = s[s["per_device"] == s["per_device"].max()].iloc[0]
         ax.errorbar(s["per_device"], s["mean"], yerr=[s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]],
                     marker="o", capsize=3, label="per-device BN (= ghost BN)")
@@ -217,34 +153,6 @@ def across_devices(cfg: DevicesConfig) -> pd.DataFrame:
                  common=dict(dataset=cfg.dataset, batch_size=cfg.batch_size, steps=cfg.steps,
                              lr=cfg.lr, momentum=cfg.momentum, width=cfg.width, depth=cfg.depth,
                              device=cfg.device), desc="devices").drop(columns="arm")
-
-
-# --- statistics ------------------------------------------------------------------------
-
-def paired(df: pd.DataFrame, value: str, k: int, against: int = 1) -> np.ndarray:
-    """Per seed, ``value`` at ``devices=k`` minus at ``devices=against`` (SyncBN)."""
-    wide = df.pivot(index="seed", columns="devices", values=value)
-    return (wide[k] - wide[against]).dropna().to_numpy()
-
-
-def equivalence(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> dict:
-    """Paired TOST: the mean difference lies within ``±margin`` when both one-sided t-tests
-    reject at ``alpha``, i.e. when the ``1 − 2·alpha`` t-interval is inside the margin.
-    Returns ``n, mean, ci_low, ci_high, p`` (the larger one-sided p) and ``equivalent``."""
-    from scipy import stats
-    d = np.asarray(diffs, dtype=float)
-    n = len(d)
-    if n < 2 or margin <= 0:
-        raise ValueError(f"need ≥ 2 pairs and a positive margin, got {n} and {margin}")
-    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
-    if se == 0:
-        p = 0.0 if abs(mean) < margin else 1.0
-        lo = hi = mean
-    else:
-        p = float(max(stats.t.sf((mean + margin) / se, n - 1), stats.t.cdf((mean - margin) / se, n - 1)))
-        half = float(stats.t.ppf(1 - alpha, n - 1) * se)
-        lo, hi = mean - half, mean + half
-    return dict(n=n, mean=mean, ci_low=lo, ci_high=hi, margin=margin, p=p, equivalent=p < alpha)
 
 
 # --- real processes -------------------------------------------------------------------
@@ -296,7 +204,7 @@ def real_runs_match(batch_size: int = 32, steps: int = 30, width: int = 32, n_tr
         if name == "ghost BN":
             use_ghost_batchnorm(net, virtual_batch_size=batch_size // world)
         elif name.startswith("per-device"):
-            per_device(net, world)
+            per_device(net, batch_size // world)
         train(net, ds, seed=0, device="cpu", **_real_kwargs(batch_size, steps))
         single[name] = net.state_dict()
     start = seeded(0, _builder(ds, width)).state_dict()
