@@ -85,7 +85,12 @@ class _AffineNorm(nn.Module):
     """The learned scale γ (``weight``, init 1) and shift β (``bias``, init 0) that GroupNorm
     and LayerNorm apply after normalising, registered as ``None`` when switched off."""
 
-    def _affine(self, shape: tuple[int, ...], affine: bool, bias: bool, factory: dict) -> None:
+    def _affine(self, shape: tuple[int, ...], eps: float, affine: bool, bias: bool, device,
+                dtype) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
         self.register_parameter("weight", nn.Parameter(torch.empty(shape, **factory)) if affine else None)
         self.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory))
                                 if affine and bias else None)
@@ -119,14 +124,10 @@ class GroupNorm(_AffineNorm):
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        factory = {"device": device, "dtype": dtype}
         self.num_groups = num_groups
         self.num_channels = num_channels
-        self.eps = eps
         self.affine = affine
-        self._affine((num_channels,), affine, bias, factory)
+        self._affine((num_channels,), eps, affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -179,13 +180,9 @@ class LayerNorm(_AffineNorm):
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         if any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
             raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        factory = {"device": device, "dtype": dtype}
         self.normalized_shape = shape
-        self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self._affine(shape, elementwise_affine, bias, factory)
+        self._affine(shape, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
