@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "GhostBatchNorm", "GhostBatchNorm1d", "use_ghost_batchnorm", "convert",
-           "batchnorm_layers", "SyncBatchNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "GhostBatchNorm", "GhostBatchNorm1d", "use_ghost_batchnorm",
+           "convert", "batchnorm_layers", "SyncBatchNorm"]
 
 
 class _BatchNorm(nn.Module):

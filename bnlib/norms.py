@@ -3,8 +3,9 @@
 Drop-ins for torch's layers, tested against them: :class:`GroupNorm` (``nn.GroupNorm``) and
 :class:`LayerNorm` (``nn.LayerNorm``). Layers torch does not have, each documented with the
 choices it makes: :class:`BatchRenorm1d`/:class:`BatchRenorm2d` (Ioffe, 2017),
-:class:`~bnlib.nn.GhostBatchNorm` (Hoffer et al., 2017; re-exported here), :class:`WSConv1d`/:class:`WSConv2d` (weight
-standardisation, Qiao et al., 2019) and :class:`SkipInit` (De & Smith, 2020).
+:class:`~bnlib.nn.GhostBatchNorm` (Hoffer et al., 2017; its home is :mod:`bnlib.nn`, re-exported
+here), :class:`WSConv1d`/:class:`WSConv2d` (weight standardisation, Qiao et al., 2019) and
+:class:`SkipInit` (De & Smith, 2020).
 
 Group Normalization
 -------------------

@@ -3,9 +3,9 @@
 Data-parallel training on ``k`` devices cuts every global batch of ``B`` examples into
 ``k`` slices of ``B / k``. A plain batch norm on each device normalises its slice with the
 slice's statistics: that *is* ghost batch norm with ghost batches of ``B / k``
-(:class:`bnlib.nn.GhostBatchNorm`, running statistics of ghost batch 0 as on rank 0). A synchronised batch norm
-(:class:`bnlib.distributed.SyncBatchNorm`) normalises with the statistics of the whole
-global batch: that is full-batch BN on one device. Three measurements:
+(:class:`bnlib.nn.GhostBatchNorm`, running statistics of ghost batch 0 as on rank 0). A
+synchronised batch norm (:class:`bnlib.distributed.SyncBatchNorm`) normalises with the
+statistics of the whole global batch: that is full-batch BN on one device. Three measurements:
 
 * :func:`across_devices` (registered as ``across_devices``): test accuracy, and the
   train/eval gap, of an MLP trained with per-device statistics for ``k`` devices
