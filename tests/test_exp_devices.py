@@ -1,14 +1,13 @@
 """Mechanics of chapter 21's experiments (bnlib/experiments/devices.py)."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch._dynamo  # noqa: F401  (imported before launch() forks; the optimizer step needs it)
 
 from bnlib import experiments
 from bnlib.analysis import pairs
+from bnlib.config import override
 from bnlib.experiments.devices import (DevicesConfig, across_devices, fit_devices, per_device,
                                        real_runs_match, sync_cost)
 from bnlib.models import mlp
@@ -37,18 +36,19 @@ def test_per_device_is_ghost_bn_with_rank0_running_stats():
 
 
 def test_fit_and_sweep_tiny():
-    row = fit_devices(seed=0, devices=4, batch_size=16, steps=3, width=8, device="cpu")
+    cfg = override(DevicesConfig(), {"devices": (1, 2), "train.batch_size": 8, "train.steps": 2,
+                                     "train.eval_every": 2, "model.width": 8, "seeds": (0, 1),
+                                     "device": "cpu"})
+    row = fit_devices(override(cfg, {"train.batch_size": 16}), 0, 4)
     assert row["per_device"] == 4 and 0 <= row["test_acc"] <= 1
     assert row["gap"] == pytest.approx(row["val_acc_train_mode"] - row["val_acc"])
     with pytest.raises(ValueError, match="slices"):
-        fit_devices(seed=0, devices=3, batch_size=16, steps=1)
-    cfg = dataclasses.replace(DevicesConfig(), devices=(1, 2), batch_size=8, steps=2, width=8,
-                              seeds=(0, 1), device="cpu")
+        fit_devices(override(cfg, {"train.batch_size": 16}), 0, 3)
     df = across_devices(cfg)
     assert len(df) == 4 and set(df["per_device"]) == {8, 4}
     assert pairs(df, "test_acc", 2, 1, arm="devices")[0].shape == (2,)
     with pytest.raises(ValueError, match="devices must include 1"):
-        across_devices(dataclasses.replace(cfg, devices=(2, 3)))
+        across_devices(override(cfg, {"devices": (2, 3)}))
 
 
 def test_real_runs_and_cost_tiny():
@@ -67,4 +67,4 @@ def test_registered():
     exp = experiments.get("across_devices")
     assert exp.chapter == "21_across_devices"
     full = DevicesConfig.full()
-    assert all(full.batch_size % k == 0 for k in full.devices) and len(full.seeds) >= 8
+    assert all(full.train.batch_size % k == 0 for k in full.devices) and len(full.seeds) >= 8

@@ -21,10 +21,11 @@ column ``devices``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,23 +34,20 @@ from torch import nn
 
 from .. import data as datasets
 from .. import distributed as D
-from ..models import mlp
+from .. import progress
+from ..config import override
+from ..models import MLPSpec, mlp
 from ..nn import BatchNorm1d, BatchNorm2d, use_ghost_batchnorm
-from ..train import seeded, train
-from . import Config, register, sweep
+from ..train import TrainSpec, fit, seeded, train
+from . import Config, register
 
-__all__ = ["per_device", "DevicesConfig", "fit_devices", "across_devices", "real_runs_match",
-           "sync_cost", "plot_devices"]
+__all__ = ["per_device", "PerDeviceMLPSpec", "DevicesConfig", "fit_devices", "across_devices",
+           "real_runs_match", "sync_cost", "plot_devices"]
 
 
 @functools.lru_cache(maxsize=4)
 def _load(name: str) -> datasets.Dataset:
     return datasets.load(name)
-
-
-def _model(ds: datasets.Dataset, devices: int, batch_size: int, width: int, depth: int) -> nn.Module:
-    net = mlp(ds.num_features, ds.num_classes, depth=depth, width=width, norm="batch")
-    return per_device(net, batch_size // devices) if devices > 1 else net
 
 
 def per_device(model: nn.Module, per_device_batch: int) -> nn.Module:
@@ -59,37 +57,19 @@ def per_device(model: nn.Module, per_device_batch: int) -> nn.Module:
     return use_ghost_batchnorm(model, per_device_batch, running_stats="first")
 
 
-@torch.no_grad()
-def _train_mode_accuracy(model: nn.Module, split: datasets.Split, batch_size: int) -> float:
-    """Accuracy on ``split`` with the model in *train* mode (each slice normalised with its
-    own statistics, as during training), on a copy so the running statistics stay put."""
-    m = copy.deepcopy(model).train()
-    n = len(split) - len(split) % batch_size
-    correct = sum((m(split.x[i:i + batch_size]).argmax(1) == split.y[i:i + batch_size]).sum().item()
-                  for i in range(0, n, batch_size))
-    return correct / n
+@dataclass(frozen=True)
+class PerDeviceMLPSpec(MLPSpec):
+    """A BN MLP whose batch norms compute what ``devices`` data-parallel devices do with
+    slices of ``per_device_batch`` examples (:func:`per_device`; ``devices=1``: plain BN)."""
 
+    kind: ClassVar[str] = "per-device mlp"
+    norm: str = "batch"
+    devices: int = 1
+    per_device_batch: int = 2
 
-def fit_devices(*, seed: int, devices: int, dataset: str = "digits", batch_size: int = 32,
-                steps: int = 300, lr: float = 0.1, momentum: float = 0.9, width: int = 64,
-                depth: int = 2, device: str = "auto") -> dict:
-    """Train one MLP with per-device BN statistics for ``devices`` devices (``devices=1``:
-    full-batch statistics, i.e. SyncBN on any number of devices) and return its final
-    ``test_acc`` and ``val_acc`` (eval mode: running statistics), ``val_acc_train_mode``
-    (the same validation examples in slices of ``batch_size / devices``, train mode) and
-    ``gap`` = train-mode minus eval-mode validation accuracy."""
-    if devices < 1 or batch_size % devices or batch_size // devices < 2:
-        raise ValueError(f"batch_size {batch_size} must split into {devices} slices of ≥ 2")
-    ds = _load(dataset)
-    net = seeded(seed, lambda: _model(ds, devices, batch_size, width, depth))
-    hist = train(net, ds, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed,
-                 eval_every=steps, eval_splits=("val", "test"), device=device)
-    last = hist[hist["step"] == hist["step"].max()].set_index("split")["accuracy"]
-    val = ds.to(next(net.parameters()).device).val
-    train_mode = _train_mode_accuracy(net, val, batch_size)  # ghost BN slices it into B/k
-    return dict(devices=devices, per_device=batch_size // devices, test_acc=last["test"],
-                val_acc=last["val"], val_acc_train_mode=train_mode, gap=train_mode - last["val"],
-                diverged=bool(hist["diverged"].any()))
+    def build(self, seed: int, data: datasets.Dataset) -> nn.Module:
+        net = MLPSpec(**{f.name: getattr(self, f.name) for f in fields(MLPSpec)}).build(seed, data)
+        return per_device(net, self.per_device_batch) if self.devices > 1 else net
 
 
 @dataclass(frozen=True)
@@ -98,19 +78,43 @@ class DevicesConfig(Config):
 
     seeds: tuple[int, ...] = tuple(range(8))
     dataset: str = "digits"
-    batch_size: int = 32                 # the global batch B
     devices: tuple[int, ...] = (1, 2, 4, 8)
-    steps: int = 100
-    lr: float = 0.1
-    momentum: float = 0.9
-    width: int = 64
-    depth: int = 2
+    model: MLPSpec = MLPSpec(depth=2, width=64, norm="batch")
+    # the global batch B; evaluated once, at the end
+    train: TrainSpec = TrainSpec(momentum=0.9, steps=100, batch_size=32, eval_every=100)
     margin: float = 0.015                # equivalence margin on test accuracy, declared up front
 
     @classmethod
     def full(cls) -> "DevicesConfig":
-        return cls(dataset="mnist5k", batch_size=256, devices=(1, 2, 4, 8, 16, 32, 64),
-                   steps=3000, width=256, depth=3, seeds=tuple(range(10)))
+        return override(cls(), {"dataset": "mnist5k", "devices": (1, 2, 4, 8, 16, 32, 64),
+                                "train.batch_size": 256, "train.steps": 3000,
+                                "train.eval_every": 3000, "model.width": 256, "model.depth": 3,
+                                "seeds": tuple(range(10))})
+
+
+def fit_devices(cfg: DevicesConfig, seed: int, devices: int) -> dict:
+    """Train one MLP with per-device BN statistics for ``devices`` devices (``devices=1``:
+    full-batch statistics, i.e. SyncBN on any number of devices) with :func:`bnlib.train.fit`
+    and return its final ``test_acc`` and ``val_acc`` (eval mode: running statistics),
+    ``val_acc_train_mode`` (the same validation examples in batches of ``B``, train mode, so
+    each slice of ``B / devices`` normalised on its own) and ``gap`` = train-mode minus
+    eval-mode validation accuracy."""
+    b = cfg.train.batch_size
+    if devices < 1 or b % devices or b // devices < 2:
+        raise ValueError(f"batch_size {b} must split into {devices} slices of ≥ 2")
+    spec = PerDeviceMLPSpec(**dataclasses.asdict(cfg.model), devices=devices, per_device_batch=b // devices)
+    ds = _load(cfg.dataset)
+    train_spec = cfg.train if cfg.device == "auto" else dataclasses.replace(cfg.train, device=cfg.device)
+    hist = fit(spec, train_spec, ds, seed)
+    net = hist.attrs.pop("model")
+    last = hist[hist["step"] == hist["step"].max()].set_index("split")["accuracy"]
+    val = ds.to(next(net.parameters()).device).val
+    with torch.no_grad():
+        m, n = copy.deepcopy(net).train(), len(val) - len(val) % b   # a copy: running stats stay
+        hits = sum((m(val.x[i:i + b]).argmax(1) == val.y[i:i + b]).sum().item() for i in range(0, n, b))
+    return dict(devices=devices, per_device=b // devices, test_acc=last["test"], val_acc=last["val"],
+                val_acc_train_mode=hits / n, gap=hits / n - last["val"],
+                diverged=bool(hist["diverged"].any()))
 
 
 def plot_devices(df: pd.DataFrame):
@@ -145,14 +149,14 @@ def plot_devices(df: pd.DataFrame):
 def across_devices(cfg: DevicesConfig) -> pd.DataFrame:
     """One row per (devices k, seed): ``test_acc, val_acc, val_acc_train_mode, gap,
     per_device, diverged``. Runs with the same seed share initialisation and batch order."""
-    bad = [k for k in cfg.devices if cfg.batch_size % k or cfg.batch_size // k < 2]
+    b = cfg.train.batch_size
+    bad = [k for k in cfg.devices if b % k or b // k < 2]
     if bad or 1 not in cfg.devices:
-        raise ValueError(f"devices must include 1 and divide batch_size {cfg.batch_size} into "
-                         f"slices of ≥ 2; bad: {bad}")
-    return sweep(fit_devices, seeds=cfg.seeds, grid={"devices": cfg.devices},
-                 common=dict(dataset=cfg.dataset, batch_size=cfg.batch_size, steps=cfg.steps,
-                             lr=cfg.lr, momentum=cfg.momentum, width=cfg.width, depth=cfg.depth,
-                             device=cfg.device), desc="devices").drop(columns="arm")
+        raise ValueError(f"devices must include 1 and divide batch_size {b} into slices of ≥ 2; "
+                         f"bad: {bad}")
+    rows = [dict(seed=seed, **fit_devices(cfg, seed, k))
+            for k in progress.bar(cfg.devices, desc="devices") for seed in cfg.seeds]
+    return pd.DataFrame(rows)
 
 
 # --- real processes -------------------------------------------------------------------
