@@ -58,7 +58,7 @@ class NormCNNSpec(CNNSpec):
     (``pool_every=0``), so every block after the first can be residual."""
 
     kind: ClassVar[str] = "normaliser cnn"
-    channels: tuple[int, ...] = (16, 16, 16)
+    channels: tuple[int, ...] = (16, 16)
     pool_every: int = 0
     ghost_size: int = 8                          # examples per ghost batch
     renorm_steps: tuple[int, int] = (0, 0)       # Batch Renorm's (warm-up, ramp) in steps
@@ -102,7 +102,7 @@ class NormalisersConfig(Protocol):
 
     data: str = "mnist1d"             # offline-generated 1-D signals: small, fast 1-D convs
     preprocessing: str = "standardized"
-    model: NormCNNSpec = NormCNNSpec(channels=(16, 16))
+    model: NormCNNSpec = NormCNNSpec()
     # SGD + momentum, one short budget for every arm (the time budget: ≤ 45 s of CPU for the
     # whole chapter); evaluated at the end only
     train: TrainSpec = TrainSpec(momentum=0.9, steps=60, eval_every=60, eval_splits=("val", "test"))
