@@ -204,14 +204,16 @@ def normalisers_batch_size(cfg: NormalisersConfig) -> pd.DataFrame:
     cfg = dataclasses.replace(cfg, arms={a: {"model.norm": n, "train.batch_size": b}
                                          for a, (n, b) in cells.items()})
     t = cfg.tuning
-    tuning = pd.concat([runs(cfg, seeds=t.seeds, grid={"train.lr": lr_grid(cfg, a)}, arms=[a])
+    tune_cfg = override(cfg, {"train.eval_splits": ("val",)})   # tuning reads val, reports test
+    tuning = pd.concat([runs(tune_cfg, seeds=t.seeds, grid={"train.lr": lr_grid(cfg, a)}, arms=[a])
                         for a in cells], ignore_index=True).assign(kind="tuning")
     choice = analysis.tune(tuning, param="lr", by=("arm",), seeds=t.seeds, report_seeds=cfg.seeds,
                            allow_edge=t.allow_edge)
     rows = []
     for arm, lr in zip(choice["arm"], choice["lr"]):
         norm, b = cells[arm]
-        for _, seed, h, net, data in trained(override(cfg, {"train.lr": float(lr)}), arms=[arm]):
+        report = override(cfg, {"train.lr": float(lr), "train.eval_splits": ("test",)})
+        for _, seed, h, net, data in trained(report, arms=[arm]):
             last = h[h["step"] == h["step"].max()].set_index("split")["accuracy"]
             diverged = bool(h["diverged"].any())
             sub = Split(data.test.x[:cfg.gap_examples], data.test.y[:cfg.gap_examples])
