@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from .. import data as datasets
 from ..config import override
 from ..doctor import diagnose
+from ..inference import evaluate
 from ..models import MLPSpec
 from ..nn import batchnorm_layers
 from ..train import TrainSpec, train
@@ -112,15 +113,10 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, spec: TrainSpec, seed: int, *,
     return int(h.attrs["steps"])
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
-    """Accuracy in eval mode, evaluated in batches of ``batch_size`` (mode restored after)."""
-    was = model.training
-    model.eval()
-    hits = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-               for i in range(0, len(y), batch_size))
-    model.train(was)
-    return hits / len(y)
+    """Accuracy in eval mode, evaluated in batches of ``batch_size`` (mode restored after):
+    :func:`bnlib.inference.evaluate`."""
+    return evaluate(model, datasets.Split(x, y), batch_size=batch_size)[1]
 
 
 def _report(model: nn.Module, batch: Tensor) -> str:
