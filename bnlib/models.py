@@ -33,7 +33,8 @@ Init = Literal["kaiming", "xavier", "normal", "default"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
                "identity": nn.Identity}
-NORMS = ("none", "batch", "layer", "group")
+NORMS = ("none", "batch", "layer", "group", "ghost", "renorm")
+BATCH_NORMS = ("batch", "ghost", "renorm")  # their β replaces the bias of the layer before them
 
 
 def make_norm(kind: Norm, features: int, *, conv: bool, impl: str = "bnlib",
@@ -55,6 +56,12 @@ def make_norm(kind: Norm, features: int, *, conv: bool, impl: str = "bnlib",
         g = math.gcd(groups, features)
         from .norms import GroupNorm  # bnlib's from-scratch GroupNorm (chapter 16)
         return GroupNorm(g, features)
+    if kind == "ghost":  # ghost batches of 8 (chapter 19 sets its own size)
+        from .nn import GhostBatchNorm
+        return GhostBatchNorm(features)
+    if kind == "renorm":  # Batch Renorm with the layer's default schedule (chapter 19 sets its own)
+        from .norms import BatchRenorm1d, BatchRenorm2d
+        return (BatchRenorm2d if conv and dims == 2 else BatchRenorm1d)(features)
     raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
@@ -155,7 +162,7 @@ def mlp(in_features: int, num_classes: int, *, depth: int = 3, width: int = 128,
     blocks = []
     for i in range(depth):
         fan_in = in_features if i == 0 else width
-        bias = not (norm == "batch" and placement == "before")
+        bias = not (norm in BATCH_NORMS and placement == "before")
         blocks.append(Block(nn.Linear(fan_in, width, bias=bias),
                             make_norm(norm, width, conv=False, impl=norm_impl),
                             ACTIVATIONS[activation](), placement, residual and i > 0))
@@ -188,7 +195,7 @@ def cnn(in_channels: int, num_classes: int, *, channels: Sequence[int] = (16, 32
                              else (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
     blocks, c_in = [], in_channels
     for i, c in enumerate(channels):
-        bias = not (norm == "batch" and placement == "before")
+        bias = not (norm in BATCH_NORMS and placement == "before")
         pool = pool_every and (i + 1) % pool_every == 0 and i + 1 < len(channels)
         blocks.append(Block(conv(c_in, c, 3, padding=1, bias=bias),
                             make_norm(norm, c, conv=True, impl=norm_impl, dims=dims),

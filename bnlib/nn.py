@@ -17,15 +17,15 @@ The conventions, spelled out because teaching code often gets them wrong:
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "GhostBatchNorm1d", "use_ghost_batchnorm", "convert",
-           "batchnorm_layers", "SyncBatchNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "GhostBatchNorm", "GhostBatchNorm1d", "use_ghost_batchnorm",
+           "convert", "batchnorm_layers", "SyncBatchNorm"]
 
 
 class _BatchNorm(nn.Module):
@@ -196,26 +196,45 @@ def convert(model: nn.Module, to: Literal["bnlib", "torch"] = "bnlib") -> nn.Mod
 
 # --- ghost batch norm (Hoffer et al., 2017) ---------------------------------------
 
-class GhostBatchNorm1d(BatchNorm1d):
-    """Batch norm whose training-mode statistics come from *virtual* batches.
+class GhostBatchNorm(_BatchNorm):
+    """Batch norm whose training-mode statistics come from *ghost* (virtual) batches.
 
-    In training mode the incoming batch is cut into ``len(x) // virtual_batch_size``
-    consecutive chunks of (nearly) equal size, each at least ``virtual_batch_size``
-    examples, and every chunk is normalised with its own mean and variance by
-    :func:`bnlib.functional.batch_norm`; each chunk also updates the running statistics,
-    as in Hoffer et al. (2017). Smaller chunks give noisier statistics: the network sees
-    the same batch, but each example is normalised with noisier statistics, so its
-    activations, and hence the gradient, change. In evaluation mode it is an ordinary
-    batch norm with the running statistics. Parameters, buffers and ``state_dict`` are
-    those of :class:`bnlib.nn.BatchNorm1d`.
+    In training mode the batch is cut into ``max(N // virtual_batch_size, 1)`` consecutive
+    chunks of (nearly) equal size, each of at least ``virtual_batch_size`` examples (or the
+    whole batch), and every chunk is normalised with its own mean and variance by
+    :func:`bnlib.functional.batch_norm`. Inputs ``(N, C)``, ``(N, C, L)`` or
+    ``(N, C, H, W)``; evaluation mode is an ordinary batch norm with the running statistics.
+    With ``virtual_batch_size ≥ N / 2`` the layer is exactly batch norm.
+
+    ``running_stats`` picks who updates the running statistics:
+
+    * ``"each"`` (default; Hoffer et al., 2017): every ghost batch in turn, as if it were a
+      training step (``num_batches_tracked`` counts ghost batches);
+    * ``"first"``: ghost batch 0 only. That is what ``k`` data-parallel devices with a plain
+      batch norm each compute when ``virtual_batch_size = B / k``: each device normalises its
+      slice, and rank 0's buffers are the ones DDP broadcasts and a checkpoint holds
+      (chapter 21).
+
+    Parameters, buffers and ``state_dict`` are those of :class:`BatchNorm1d`; torch has no
+    such layer.
     """
 
-    def __init__(self, num_features: int, virtual_batch_size: int = 8, **kwargs: Any) -> None:
-        if not isinstance(virtual_batch_size, int) or virtual_batch_size < 2:
+    _expected_dims = (2, 3, 4)
+
+    def __init__(self, num_features: int, virtual_batch_size: int = 8, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True, running_stats: Literal["each", "first"] = "each") -> None:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) \
+                or virtual_batch_size < 2:
             raise ValueError(f"virtual_batch_size must be an int ≥ 2 (a batch norm needs two "
                              f"examples), got {virtual_batch_size!r}")
-        super().__init__(num_features, **kwargs)
+        if running_stats not in ("each", "first"):
+            raise ValueError(f"running_stats must be 'each' or 'first', got {running_stats!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype, bias=bias)
         self.virtual_batch_size = virtual_batch_size
+        self.running_stats = running_stats
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
@@ -224,27 +243,38 @@ class GhostBatchNorm1d(BatchNorm1d):
         if len(input) < 2:
             raise ValueError(f"ghost batch norm needs at least 2 examples in training mode, "
                              f"got input size {tuple(input.shape)}")
-        chunks = input.tensor_split(max(len(input) // self.virtual_batch_size, 1))
+        track = self.track_running_stats and self.running_mean is not None
         outs = []
-        for chunk in chunks:
+        for i, chunk in enumerate(input.tensor_split(max(len(input) // self.virtual_batch_size, 1))):
+            update = track and (i == 0 or self.running_stats == "each")
             momentum = 0.0 if self.momentum is None else self.momentum
-            track = self.track_running_stats and self.running_mean is not None
-            if track:
+            if update:
                 self.num_batches_tracked.add_(1)
                 if self.momentum is None:
                     momentum = 1.0 / float(self.num_batches_tracked)
-            outs.append(F.batch_norm(chunk, self.running_mean if track else None,
-                                      self.running_var if track else None, self.weight,
-                                      self.bias, True, momentum, self.eps))
+            outs.append(F.batch_norm(chunk, self.running_mean if update else None,
+                                     self.running_var if update else None, self.weight,
+                                     self.bias, True, momentum, self.eps))
         return torch.cat(outs)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+        return (super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}, "
+                f"running_stats={self.running_stats}")
 
 
-def use_ghost_batchnorm(model: nn.Module, virtual_batch_size: int = 8) -> nn.Module:
+class GhostBatchNorm1d(GhostBatchNorm):
+    """:class:`GhostBatchNorm` over ``(N, C)`` or ``(N, C, L)`` inputs (what
+    :func:`use_ghost_batchnorm` puts in place of a :class:`BatchNorm1d`)."""
+
+    _expected_dims = (2, 3)
+
+
+def use_ghost_batchnorm(model: nn.Module, virtual_batch_size: int = 8,
+                        running_stats: Literal["each", "first"] = "each") -> nn.Module:
     """Replace every :class:`bnlib.nn.BatchNorm1d` of ``model`` by a
-    :class:`GhostBatchNorm1d` with the same options and state, in place; returns ``model``."""
+    :class:`GhostBatchNorm1d` with the same options, state, device and dtype, in place;
+    returns ``model``. ``running_stats="first"`` with ``virtual_batch_size = B / k`` is
+    per-device batch norm on ``k`` data-parallel devices (see :class:`GhostBatchNorm`)."""
     replaced = 0
 
     def swap(parent: nn.Module) -> None:
@@ -254,11 +284,12 @@ def use_ghost_batchnorm(model: nn.Module, virtual_batch_size: int = 8) -> nn.Mod
                 ghost = GhostBatchNorm1d(child.num_features, virtual_batch_size, eps=child.eps,
                                          momentum=child.momentum, affine=child.affine,
                                          track_running_stats=child.track_running_stats,
-                                         bias=child.bias is not None or not child.affine)
-                ghost.load_state_dict(child.state_dict())
+                                         bias=child.bias is not None or not child.affine,
+                                         running_stats=running_stats)
                 ref = child.running_mean if child.running_mean is not None else child.weight
                 if ref is not None:  # the same device and dtype as the layer it replaces
                     ghost.to(device=ref.device, dtype=ref.dtype)
+                ghost.load_state_dict(child.state_dict())
                 ghost.train(child.training)
                 setattr(parent, name, ghost)
                 replaced += 1

@@ -3,8 +3,9 @@
 Drop-ins for torch's layers, tested against them: :class:`GroupNorm` (``nn.GroupNorm``) and
 :class:`LayerNorm` (``nn.LayerNorm``). Layers torch does not have, each documented with the
 choices it makes: :class:`BatchRenorm1d`/:class:`BatchRenorm2d` (Ioffe, 2017),
-:class:`GhostBatchNorm` (Hoffer et al., 2017), :class:`WSConv1d`/:class:`WSConv2d` (weight
-standardisation, Qiao et al., 2019) and :class:`SkipInit` (De & Smith, 2020).
+:class:`~bnlib.nn.GhostBatchNorm` (Hoffer et al., 2017; its home is :mod:`bnlib.nn`, re-exported
+here), :class:`WSConv1d`/:class:`WSConv2d` (weight standardisation, Qiao et al., 2019) and
+:class:`SkipInit` (De & Smith, 2020).
 
 Group Normalization
 -------------------
@@ -32,8 +33,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .nn import _BatchNorm
+from .nn import GhostBatchNorm, _BatchNorm  # noqa: F401  (GhostBatchNorm's home is bnlib.nn)
 
 __all__ = ["GroupNorm", "group_norm", "LayerNorm", "layer_norm", "BatchRenorm1d",
            "BatchRenorm2d", "GhostBatchNorm", "WSConv1d", "WSConv2d", "standardize_weight",
@@ -82,7 +82,30 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None = None,
     return y.to(x.dtype)
 
 
-class GroupNorm(nn.Module):
+class _AffineNorm(nn.Module):
+    """The learned scale γ (``weight``, init 1) and shift β (``bias``, init 0) that GroupNorm
+    and LayerNorm apply after normalising, registered as ``None`` when switched off."""
+
+    def _affine(self, shape: tuple[int, ...], eps: float, affine: bool, bias: bool, device,
+                dtype) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self.register_parameter("weight", nn.Parameter(torch.empty(shape, **factory)) if affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory))
+                                if affine and bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """γ = 1 and β = 0: a fresh layer is a pure normalisation."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class GroupNorm(_AffineNorm):
     """Group Normalization over ``(N, C, *)`` inputs: a drop-in for ``torch.nn.GroupNorm``.
 
     ``num_channels`` must be divisible by ``num_groups`` (``ValueError`` otherwise, with
@@ -102,25 +125,10 @@ class GroupNorm(nn.Module):
         if num_channels % num_groups != 0:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        factory = {"device": device, "dtype": dtype}
         self.num_groups = num_groups
         self.num_channels = num_channels
-        self.eps = eps
         self.affine = affine
-        self.register_parameter(
-            "weight", nn.Parameter(torch.empty(num_channels, **factory)) if affine else None)
-        self.register_parameter(
-            "bias", nn.Parameter(torch.empty(num_channels, **factory)) if affine and bias else None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """γ = 1 and β = 0: a fresh layer is a pure normalisation."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._affine((num_channels,), eps, affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -154,7 +162,7 @@ def layer_norm(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | No
     return y.to(x.dtype)
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(_AffineNorm):
     """Layer Normalization (Ba et al., 2016): a drop-in for ``torch.nn.LayerNorm``.
 
     Each example is standardised over its trailing ``normalized_shape`` dimensions; with
@@ -173,24 +181,9 @@ class LayerNorm(nn.Module):
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         if any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
             raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        factory = {"device": device, "dtype": dtype}
         self.normalized_shape = shape
-        self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self.register_parameter("weight", nn.Parameter(torch.empty(shape, **factory))
-                                if elementwise_affine else None)
-        self.register_parameter("bias", nn.Parameter(torch.empty(shape, **factory))
-                                if elementwise_affine and bias else None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """γ = 1 and β = 0."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        self._affine(shape, eps, elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -303,67 +296,6 @@ class BatchRenorm2d(_BatchRenorm):
     """
 
     _expected_dims = (4,)
-
-
-# --- Ghost batch norm -------------------------------------------------------------------
-
-class GhostBatchNorm(_BatchNorm):
-    """Ghost batch norm (Hoffer et al., 2017): in training, the batch is cut into
-    consecutive "ghost" batches of ``virtual_batch_size`` examples (the last one may be
-    smaller) and each is normalised with its *own* mean and variance. Inputs ``(N, C)``,
-    ``(N, C, L)`` or ``(N, C, H, W)``; torch has no such layer.
-
-    Running statistics (our choice): updated *once* per training forward, towards the mean
-    of the ghost batches' means and the mean of their unbiased variances, so ``momentum``
-    means per step what it means for batch norm. Inference uses the running statistics.
-    With ``virtual_batch_size ≥ N`` the layer is exactly batch norm.
-    """
-
-    _expected_dims = (2, 3, 4)
-
-    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
-                 momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True) -> None:
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) \
-                or virtual_batch_size < 2:
-            raise ValueError(f"virtual_batch_size must be an int ≥ 2, got {virtual_batch_size!r}")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype, bias=bias)
-        self.virtual_batch_size = virtual_batch_size
-
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        if not self.training and self.track_running_stats:
-            return super().forward(input)
-        ghosts = input.split(self.virtual_batch_size, dim=0)
-        per_ghost = [g.numel() // g.shape[1] for g in ghosts]
-        if min(per_ghost, default=0) < 2:
-            raise ValueError(f"Expected more than 1 value per channel in every ghost batch, got "
-                             f"input size {list(input.shape)} with virtual_batch_size="
-                             f"{self.virtual_batch_size}")
-        momentum = 0.0 if self.momentum is None else self.momentum
-        update = self.training and self.track_running_stats
-        if update:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        outs, means, variances = [], [], []
-        for g, n in zip(ghosts, per_ghost):
-            outs.append(F.batch_norm(g, None, None, self.weight, self.bias, True, 0.0, self.eps))
-            if update:
-                dims = tuple(i for i in range(g.dim()) if i != 1)
-                with torch.no_grad():
-                    means.append(g.mean(dim=dims))
-                    variances.append(g.var(dim=dims, unbiased=True))
-        if update:
-            with torch.no_grad():
-                self.running_mean.lerp_(torch.stack(means).mean(0).to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(torch.stack(variances).mean(0).to(self.running_var.dtype), momentum)
-        return torch.cat(outs, dim=0)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
 
 
 # --- Weight Standardization -------------------------------------------------------------

@@ -1,19 +1,19 @@
 """Mechanics of chapter 22's bug museum (bnlib/experiments/museum.py), on a tiny config."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from bnlib import experiments
+from bnlib.config import override
 from bnlib.experiments.museum import EXHIBITS, MuseumConfig, bug_museum, build, fit
+from bnlib.train import TrainSpec
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = dataclasses.replace(MuseumConfig(), steps=6, finetune_steps=3, width=8, seeds=(0,),
-                              eval_batches=(2, 64), device="cpu")
+    cfg = override(MuseumConfig(), {"train.steps": 6, "finetune_steps": 3, "model.width": 8,
+                                    "seeds": (0,), "eval_batches": (2, 64), "device": "cpu"})
     return cfg, bug_museum(cfg)
 
 
@@ -42,17 +42,22 @@ def test_table_and_findings(tiny):
 
 
 def test_build_and_fit():
-    cfg = dataclasses.replace(MuseumConfig(), width=8)
+    cfg = override(MuseumConfig(), {"model.width": 8})
     net = build(cfg, 0, momentum=0.5)
     assert all(b.norm.momentum == 0.5 for b in net.blocks)
     x, y = torch.randn(33, 64), torch.randint(0, 10, (33,))
-    assert fit(net, x, y, steps=5, lr=0.1, batch_size=16, seed=0) == 5 and not net.training
+    spec = TrainSpec(steps=5, batch_size=16)
+    assert fit(net, x, y, spec, 0) == 5 and not net.training
     with pytest.raises(ValueError, match="more than 1 value"):
-        fit(build(cfg, 0), x, y, steps=3, lr=0.1, batch_size=16, seed=0, drop_last=False)
+        fit(build(cfg, 0), x, y, TrainSpec(steps=3, batch_size=16), 0, drop_last=False)
+    frozen = build(cfg, 0)
+    before = frozen.blocks[0].norm.running_mean.clone()
+    fit(frozen, x, y, spec, 0, bn_eval=True)   # the fine-tuning fix: running statistics stay put
+    torch.testing.assert_close(frozen.blocks[0].norm.running_mean, before)
 
 
 def test_registered_and_unknown_exhibit():
     assert experiments.get("bug_museum").chapter == "22_bug_museum"
     MuseumConfig.full()
     with pytest.raises(ValueError, match="unknown exhibits"):
-        bug_museum(dataclasses.replace(MuseumConfig(), exhibits=("nope",)))
+        bug_museum(override(MuseumConfig(), {"exhibits": ("nope",)}))

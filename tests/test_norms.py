@@ -17,6 +17,20 @@ SHAPES = [(5, 6), (4, 6, 7), (3, 6, 4, 5)]
 GROUPS = [1, 2, 3, 6]
 
 
+def _same_forward_backward(ours: nn.Module, ref: nn.Module, x: torch.Tensor) -> None:
+    """``ours`` and ``ref`` give the same output and the same gradients (input and parameters)."""
+    x = x.detach().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), ref(x2)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(ref, name).grad, atol=1e-4, rtol=1e-4)
+
+
 def _pair(groups: int, channels: int, affine: bool = True, dtype=torch.float32, bias: bool = True):
     ours = GroupNorm(groups, channels, affine=affine, dtype=dtype, bias=bias)
     ref = nn.GroupNorm(groups, channels, affine=affine, dtype=dtype, bias=bias)
@@ -194,16 +208,7 @@ def test_layernorm_matches_torch(shape, normalized, affine, bias):
     assert list(ours.state_dict()) == list(ref.state_dict())
     assert repr(ours) == repr(ref)
     ref.load_state_dict(ours.state_dict())
-    x = (torch.randn(*shape) * 3 + 2).requires_grad_()
-    x2 = x.detach().clone().requires_grad_()
-    y, y_ref = ours(x), ref(x2)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, getattr(ref, name).grad, atol=1e-4, rtol=1e-4)
+    _same_forward_backward(ours, ref, torch.randn(*shape) * 3 + 2)
 
 
 def test_layernorm_state_dict_round_trip_and_eval_mode():
@@ -250,16 +255,8 @@ def test_batchrenorm_with_rmax1_dmax0_is_batchnorm(cls, ref_cls, shape):
         ref.running_var.fill_(0.3)  # running stats far from the batch's: clipping is what keeps r = 1
     ours.load_state_dict(ref.state_dict())
     for _ in range(3):
-        x = (torch.randn(*shape) * 2 + 1).requires_grad_()
-        x2 = x.detach().clone().requires_grad_()
-        y, y_ref = ours(x), ref(x2)
-        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-        g = torch.randn_like(y)
-        y.backward(g)
-        y_ref.backward(g)
-        torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-4)
+        ours.zero_grad(), ref.zero_grad()
+        _same_forward_backward(ours, ref, torch.randn(*shape) * 2 + 1)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], v)
     x = torch.randn(*shape)
@@ -317,38 +314,60 @@ def test_batchrenorm_errors():
         BatchRenorm1d(3)(torch.randn(1, 3))
 
 
-# --- Ghost batch norm --------------------------------------------------------------------
+# --- Ghost batch norm (bnlib.nn.GhostBatchNorm, re-exported by bnlib.norms) ---------------
 
+@pytest.mark.parametrize("policy", ["each", "first"])
 @pytest.mark.parametrize("shape", [(8, 3), (8, 3, 5), (8, 3, 2, 2)], ids=str)
-def test_ghost_bn_with_one_ghost_is_batchnorm(shape):
+def test_ghost_bn_with_one_ghost_is_torch_batchnorm(shape, policy):
     torch.manual_seed(0)
-    ours = GhostBatchNorm(3, virtual_batch_size=8)
-    ref = (BatchNorm2d if len(shape) == 4 else BatchNorm1d)(3)
-    x = torch.randn(*shape, requires_grad=True)
-    x2 = x.detach().clone().requires_grad_()
-    y, y_ref = ours(x), ref(x2)
-    torch.testing.assert_close(y, y_ref)
-    y.backward(torch.ones_like(y) + x.detach())
-    y_ref.backward(torch.ones_like(y) + x.detach())
-    torch.testing.assert_close(x.grad, x2.grad)
+    ours = GhostBatchNorm(3, virtual_batch_size=8, running_stats=policy)
+    ref = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(3)
+    x = torch.randn(*shape)
+    _same_forward_backward(ours, ref, x)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], v)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))
 
 
-def test_ghost_bn_normalises_each_ghost_on_its_own():
+@pytest.mark.parametrize("policy", ["each", "first"])
+def test_ghost_bn_normalises_each_ghost_like_torch_and_updates_by_policy(policy):
     torch.manual_seed(0)
-    x = torch.randn(12, 3) * 4 + 2
-    y = GhostBatchNorm(3, virtual_batch_size=4, affine=False)(x)
-    for chunk_x, chunk_y in zip(x.split(4), y.split(4)):
-        torch.testing.assert_close(chunk_y, BatchNorm1d(3, affine=False)(chunk_x))
-    m = GhostBatchNorm(3, virtual_batch_size=4, momentum=1.0)
-    m(x)
-    torch.testing.assert_close(m.running_mean, torch.stack([c.mean(0) for c in x.split(4)]).mean(0))
-    torch.testing.assert_close(m.running_var, torch.stack([c.var(0) for c in x.split(4)]).mean(0))
-    with pytest.raises(ValueError, match="ghost"):
-        GhostBatchNorm(3, virtual_batch_size=4)(torch.randn(5, 3))   # a last ghost of one
+    x = torch.randn(12, 3, 5) * 4 + 2
+    ours = GhostBatchNorm(3, virtual_batch_size=4, running_stats=policy)
+    ref = nn.BatchNorm1d(3)
+    y = ours(x)
+    chunks = x.split(4)
+    for i, (cx, cy) in enumerate(zip(chunks, y.split(4))):
+        if policy == "each" or i == 0:       # torch's BN sees the ghosts that update the buffers
+            torch.testing.assert_close(cy, ref(cx))
+        else:
+            torch.testing.assert_close(cy, nn.BatchNorm1d(3)(cx))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == (3 if policy == "each" else 1)
+    assert ours(torch.randn(10, 3, 5)).shape == (10, 3, 5)   # ragged: 2 ghosts of 5
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        GhostBatchNorm(3)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="virtual_batch_size"):
         GhostBatchNorm(3, virtual_batch_size=1)
+    with pytest.raises(ValueError, match="running_stats"):
+        GhostBatchNorm(3, running_stats="mean")
+
+
+def test_use_ghost_batchnorm_keeps_state_and_is_bn_with_one_ghost():
+    from bnlib.nn import GhostBatchNorm1d, use_ghost_batchnorm
+    torch.manual_seed(0)
+    net = mlp(5, 3, depth=2, width=6, norm="batch").double()
+    ref = mlp(5, 3, depth=2, width=6, norm="batch").double()
+    ref.load_state_dict(net.state_dict())
+    use_ghost_batchnorm(net, virtual_batch_size=16, running_stats="first")
+    assert all(type(b.norm) is GhostBatchNorm1d and b.norm.running_mean.dtype == torch.float64
+               for b in net.blocks)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    torch.testing.assert_close(net(x), ref(x))
+    with pytest.raises(ValueError, match="no bnlib BatchNorm1d"):
+        use_ghost_batchnorm(nn.Linear(3, 3))
 
 
 # --- Weight Standardization --------------------------------------------------------------

@@ -3,9 +3,9 @@
 Data-parallel training on ``k`` devices cuts every global batch of ``B`` examples into
 ``k`` slices of ``B / k``. A plain batch norm on each device normalises its slice with the
 slice's statistics: that *is* ghost batch norm with ghost batches of ``B / k``
-(:class:`~bnlib.experiments.generalization.GhostBatchNorm1d`). A synchronised batch norm
-(:class:`bnlib.distributed.SyncBatchNorm`) normalises with the statistics of the whole
-global batch: that is full-batch BN on one device. Three measurements:
+(:class:`bnlib.nn.GhostBatchNorm`, running statistics of ghost batch 0 as on rank 0). A
+synchronised batch norm (:class:`bnlib.distributed.SyncBatchNorm`) normalises with the
+statistics of the whole global batch: that is full-batch BN on one device. Three measurements:
 
 * :func:`across_devices` (registered as ``across_devices``): test accuracy, and the
   train/eval gap, of an MLP trained with per-device statistics for ``k`` devices
@@ -15,16 +15,17 @@ global batch: that is full-batch BN on one device. Three measurements:
 * :func:`sync_cost`: the per-step time of a SyncBN forward+backward against a local BN in
   2 CPU processes joined by gloo (loopback TCP; not a statement about GPUs and NCCL).
 
-The equivalence test is a paired TOST done here with scipy (:func:`equivalence`).
+Paired differences and equivalence tests are :mod:`bnlib.analysis`'s (pair on the seed, arm
+column ``devices``).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
-import math
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,14 +34,14 @@ from torch import nn
 
 from .. import data as datasets
 from .. import distributed as D
-from .. import functional as BF
-from ..models import mlp
-from ..nn import BatchNorm1d, BatchNorm2d
-from ..train import seeded, train
-from . import Config, register, sweep
-from ..nn import use_ghost_batchnorm
+from .. import progress
+from ..config import override
+from ..models import MLPSpec, mlp
+from ..nn import BatchNorm1d, BatchNorm2d, use_ghost_batchnorm
+from ..train import TrainSpec, fit, seeded, train
+from . import Config, register
 
-__all__ = ["PerDeviceBatchNorm1d", "per_device", "DevicesConfig", "fit_devices", "across_devices", "equivalence", "paired",
+__all__ = ["per_device", "PerDeviceMLPSpec", "DevicesConfig", "fit_devices", "across_devices",
            "real_runs_match", "sync_cost", "plot_devices"]
 
 
@@ -49,113 +50,26 @@ def _load(name: str) -> datasets.Dataset:
     return datasets.load(name)
 
 
-class PerDeviceBatchNorm1d(BatchNorm1d):
-    """What ``devices`` data-parallel devices, each with a plain batch norm, compute, in one
-    process and one vectorised call.
-
-    Training mode: the batch is cut into ``devices`` contiguous slices (as
-    :func:`bnlib.distributed.shard` does) and each slice is normalised with its own
-    statistics, so outputs and gradients are those of ghost batch norm with ghost batches
-    of ``B / devices`` (:class:`~bnlib.experiments.generalization.GhostBatchNorm1d`). The
-    running statistics follow *slice 0 only*: that is rank 0's buffers, which DDP
-    broadcasts by default and which a checkpoint saved on rank 0 holds. (Ghost BN instead
-    updates them once per ghost batch.) Evaluation mode is a plain batch norm.
-    """
-
-    def __init__(self, num_features: int, devices: int = 2, **kwargs) -> None:
-        if not isinstance(devices, int) or devices < 1:
-            raise ValueError(f"devices must be a positive int, got {devices!r}")
-        super().__init__(num_features, **kwargs)
-        self.devices = devices
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.devices == 1:
-            return super().forward(input)
-        self._check_input_dim(input)
-        k, c, rest = self.devices, input.shape[1], input.shape[2:]
-        if len(input) % k or len(input) // k < 2:
-            raise ValueError(f"a batch of {len(input)} does not split into {k} slices of ≥ 2")
-        m = len(input) // k
-        # (B, C, ...) -> (m, k·C, ...): channel j·C + c is channel c of slice j
-        xs = input.reshape(k, m, *input.shape[1:]).transpose(0, 1).reshape(m, k * c, *rest)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        track = self.track_running_stats and self.running_mean is not None
-        if track:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        rm = self.running_mean.repeat(k) if track else None
-        rv = self.running_var.repeat(k) if track else None
-        out = BF.batch_norm(xs, rm, rv, None if self.weight is None else self.weight.repeat(k),
-                            None if self.bias is None else self.bias.repeat(k), True, momentum,
-                            self.eps)
-        if track:  # rank 0's running statistics
-            with torch.no_grad():
-                self.running_mean.copy_(rm[:c])
-                self.running_var.copy_(rv[:c])
-        return out.reshape(m, k, c, *rest).transpose(0, 1).reshape(input.shape)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", devices={self.devices}"
+def per_device(model: nn.Module, per_device_batch: int) -> nn.Module:
+    """``model`` with the batch norms of ``B / per_device_batch`` data-parallel devices:
+    ghost batch norm over ghost batches of ``per_device_batch`` whose running statistics
+    follow ghost batch 0, as rank 0's do (:class:`bnlib.nn.GhostBatchNorm`); in place."""
+    return use_ghost_batchnorm(model, per_device_batch, running_stats="first")
 
 
-def per_device(model: nn.Module, devices: int) -> nn.Module:
-    """Replace every :class:`bnlib.nn.BatchNorm1d` of ``model`` by a
-    :class:`PerDeviceBatchNorm1d` with the same options, state, device and dtype; in place,
-    returns ``model``."""
-    for name, child in model.named_children():
-        if type(child) is BatchNorm1d:
-            new = PerDeviceBatchNorm1d(child.num_features, devices, eps=child.eps,
-                                       momentum=child.momentum, affine=child.affine,
-                                       track_running_stats=child.track_running_stats,
-                                       bias=child.bias is not None or not child.affine)
-            ref = child.weight if child.weight is not None else child.running_mean
-            if ref is not None:
-                new.to(device=ref.device, dtype=ref.dtype)
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
-            setattr(model, name, new)
-        else:
-            per_device(child, devices)
-    return model
+@dataclass(frozen=True)
+class PerDeviceMLPSpec(MLPSpec):
+    """A BN MLP whose batch norms compute what ``devices`` data-parallel devices do with
+    slices of ``per_device_batch`` examples (:func:`per_device`; ``devices=1``: plain BN)."""
 
+    kind: ClassVar[str] = "per-device mlp"
+    norm: str = "batch"
+    devices: int = 1
+    per_device_batch: int = 2
 
-def _model(ds: datasets.Dataset, devices: int, width: int, depth: int) -> nn.Module:
-    net = mlp(ds.num_features, ds.num_classes, depth=depth, width=width, norm="batch")
-    return per_device(net, devices) if devices > 1 else net
-
-
-@torch.no_grad()
-def _train_mode_accuracy(model: nn.Module, split: datasets.Split, batch_size: int) -> float:
-    """Accuracy on ``split`` with the model in *train* mode (each slice normalised with its
-    own statistics, as during training), on a copy so the running statistics stay put."""
-    m = copy.deepcopy(model).train()
-    n = len(split) - len(split) % batch_size
-    correct = sum((m(split.x[i:i + batch_size]).argmax(1) == split.y[i:i + batch_size]).sum().item()
-                  for i in range(0, n, batch_size))
-    return correct / n
-
-
-def fit_devices(*, seed: int, devices: int, dataset: str = "digits", batch_size: int = 32,
-                steps: int = 300, lr: float = 0.1, momentum: float = 0.9, width: int = 64,
-                depth: int = 2, device: str = "auto") -> dict:
-    """Train one MLP with per-device BN statistics for ``devices`` devices (``devices=1``:
-    full-batch statistics, i.e. SyncBN on any number of devices) and return its final
-    ``test_acc`` and ``val_acc`` (eval mode: running statistics), ``val_acc_train_mode``
-    (the same validation examples in slices of ``batch_size / devices``, train mode) and
-    ``gap`` = train-mode minus eval-mode validation accuracy."""
-    if devices < 1 or batch_size % devices or batch_size // devices < 2:
-        raise ValueError(f"batch_size {batch_size} must split into {devices} slices of ≥ 2")
-    ds = _load(dataset)
-    net = seeded(seed, lambda: _model(ds, devices, width, depth))
-    hist = train(net, ds, steps=steps, lr=lr, batch_size=batch_size, momentum=momentum, seed=seed,
-                 eval_every=steps, eval_splits=("val", "test"), device=device)
-    last = hist[hist["step"] == hist["step"].max()].set_index("split")["accuracy"]
-    val = ds.to(next(net.parameters()).device).val
-    train_mode = _train_mode_accuracy(net, val, batch_size)  # ghost BN slices it into B/k
-    return dict(devices=devices, per_device=batch_size // devices, test_acc=last["test"],
-                val_acc=last["val"], val_acc_train_mode=train_mode, gap=train_mode - last["val"],
-                diverged=bool(hist["diverged"].any()))
+    def build(self, seed: int, data: datasets.Dataset) -> nn.Module:
+        net = MLPSpec(**{f.name: getattr(self, f.name) for f in fields(MLPSpec)}).build(seed, data)
+        return per_device(net, self.per_device_batch) if self.devices > 1 else net
 
 
 @dataclass(frozen=True)
@@ -164,29 +78,55 @@ class DevicesConfig(Config):
 
     seeds: tuple[int, ...] = tuple(range(8))
     dataset: str = "digits"
-    batch_size: int = 32                 # the global batch B
     devices: tuple[int, ...] = (1, 2, 4, 8)
-    steps: int = 100
-    lr: float = 0.1
-    momentum: float = 0.9
-    width: int = 64
-    depth: int = 2
+    model: MLPSpec = MLPSpec(depth=2, width=64, norm="batch")
+    # the global batch B; evaluated once, at the end
+    train: TrainSpec = TrainSpec(momentum=0.9, steps=100, batch_size=32, eval_every=100)
     margin: float = 0.015                # equivalence margin on test accuracy, declared up front
 
     @classmethod
     def full(cls) -> "DevicesConfig":
-        return cls(dataset="mnist5k", batch_size=256, devices=(1, 2, 4, 8, 16, 32, 64),
-                   steps=3000, width=256, depth=3, seeds=tuple(range(10)))
+        return override(cls(), {"dataset": "mnist5k", "devices": (1, 2, 4, 8, 16, 32, 64),
+                                "train.batch_size": 256, "train.steps": 3000,
+                                "train.eval_every": 3000, "model.width": 256, "model.depth": 3,
+                                "seeds": tuple(range(10))})
+
+
+def fit_devices(cfg: DevicesConfig, seed: int, devices: int) -> dict:
+    """Train one MLP with per-device BN statistics for ``devices`` devices (``devices=1``:
+    full-batch statistics, i.e. SyncBN on any number of devices) with :func:`bnlib.train.fit`
+    and return its final ``test_acc`` and ``val_acc`` (eval mode: running statistics),
+    ``val_acc_train_mode`` (the same validation examples in batches of ``B``, train mode, so
+    each slice of ``B / devices`` normalised on its own) and ``gap`` = train-mode minus
+    eval-mode validation accuracy."""
+    b = cfg.train.batch_size
+    if devices < 1 or b % devices or b // devices < 2:
+        raise ValueError(f"batch_size {b} must split into {devices} slices of ≥ 2")
+    spec = PerDeviceMLPSpec(**dataclasses.asdict(cfg.model), devices=devices, per_device_batch=b // devices)
+    ds = _load(cfg.dataset)
+    train_spec = cfg.train if cfg.device == "auto" else dataclasses.replace(cfg.train, device=cfg.device)
+    hist = fit(spec, train_spec, ds, seed)
+    net = hist.attrs.pop("model")
+    last = hist[hist["step"] == hist["step"].max()].set_index("split")["accuracy"]
+    val = ds.to(next(net.parameters()).device).val
+    with torch.no_grad():
+        m, n = copy.deepcopy(net).train(), len(val) - len(val) % b   # a copy: running stats stay
+        hits = sum((m(val.x[i:i + b]).argmax(1) == val.y[i:i + b]).sum().item() for i in range(0, n, b))
+    return dict(devices=devices, per_device=b // devices, test_acc=last["test"], val_acc=last["val"],
+                val_acc_train_mode=hits / n, gap=hits / n - last["val"],
+                diverged=bool(hist["diverged"].any()))
 
 
 def plot_devices(df: pd.DataFrame):
     """Test accuracy and train/eval gap against the per-device batch (mean ± 95% CI)."""
     import matplotlib.pyplot as plt
-    from ..stats import summarize
+    from scipy import stats
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, col, label in zip(axes, ["test_acc", "gap"],
                               ["test accuracy (eval mode)", "train-mode − eval-mode val accuracy"]):
-        s = summarize(df, "per_device", col).sort_values("per_device")
+        s = df.groupby("per_device")[col].agg(["mean", "sem", "count"]).reset_index()
+        half = s["sem"] * stats.t.ppf(0.975, s["count"] - 1)          # 95% t-interval
+        s = s.assign(ci_low=s["mean"] - half, ci_high=s["mean"] + half)
         sync = s[s["per_device"] == s["per_device"].max()].iloc[0]
         ax.errorbar(s["per_device"], s["mean"], yerr=[s["mean"] - s["ci_low"], s["ci_high"] - s["mean"]],
                     marker="o", capsize=3, label="per-device BN (= ghost BN)")
@@ -209,42 +149,14 @@ def plot_devices(df: pd.DataFrame):
 def across_devices(cfg: DevicesConfig) -> pd.DataFrame:
     """One row per (devices k, seed): ``test_acc, val_acc, val_acc_train_mode, gap,
     per_device, diverged``. Runs with the same seed share initialisation and batch order."""
-    bad = [k for k in cfg.devices if cfg.batch_size % k or cfg.batch_size // k < 2]
+    b = cfg.train.batch_size
+    bad = [k for k in cfg.devices if b % k or b // k < 2]
     if bad or 1 not in cfg.devices:
-        raise ValueError(f"devices must include 1 and divide batch_size {cfg.batch_size} into "
-                         f"slices of ≥ 2; bad: {bad}")
-    return sweep(fit_devices, seeds=cfg.seeds, grid={"devices": cfg.devices},
-                 common=dict(dataset=cfg.dataset, batch_size=cfg.batch_size, steps=cfg.steps,
-                             lr=cfg.lr, momentum=cfg.momentum, width=cfg.width, depth=cfg.depth,
-                             device=cfg.device), desc="devices").drop(columns="arm")
-
-
-# --- statistics ------------------------------------------------------------------------
-
-def paired(df: pd.DataFrame, value: str, k: int, against: int = 1) -> np.ndarray:
-    """Per seed, ``value`` at ``devices=k`` minus at ``devices=against`` (SyncBN)."""
-    wide = df.pivot(index="seed", columns="devices", values=value)
-    return (wide[k] - wide[against]).dropna().to_numpy()
-
-
-def equivalence(diffs: Sequence[float], margin: float, alpha: float = 0.05) -> dict:
-    """Paired TOST: the mean difference lies within ``±margin`` when both one-sided t-tests
-    reject at ``alpha``, i.e. when the ``1 − 2·alpha`` t-interval is inside the margin.
-    Returns ``n, mean, ci_low, ci_high, p`` (the larger one-sided p) and ``equivalent``."""
-    from scipy import stats
-    d = np.asarray(diffs, dtype=float)
-    n = len(d)
-    if n < 2 or margin <= 0:
-        raise ValueError(f"need ≥ 2 pairs and a positive margin, got {n} and {margin}")
-    mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(n))
-    if se == 0:
-        p = 0.0 if abs(mean) < margin else 1.0
-        lo = hi = mean
-    else:
-        p = float(max(stats.t.sf((mean + margin) / se, n - 1), stats.t.cdf((mean - margin) / se, n - 1)))
-        half = float(stats.t.ppf(1 - alpha, n - 1) * se)
-        lo, hi = mean - half, mean + half
-    return dict(n=n, mean=mean, ci_low=lo, ci_high=hi, margin=margin, p=p, equivalent=p < alpha)
+        raise ValueError(f"devices must include 1 and divide batch_size {b} into slices of ≥ 2; "
+                         f"bad: {bad}")
+    rows = [dict(seed=seed, **fit_devices(cfg, seed, k))
+            for k in progress.bar(cfg.devices, desc="devices") for seed in cfg.seeds]
+    return pd.DataFrame(rows)
 
 
 # --- real processes -------------------------------------------------------------------
@@ -296,7 +208,7 @@ def real_runs_match(batch_size: int = 32, steps: int = 30, width: int = 32, n_tr
         if name == "ghost BN":
             use_ghost_batchnorm(net, virtual_batch_size=batch_size // world)
         elif name.startswith("per-device"):
-            per_device(net, world)
+            per_device(net, batch_size // world)
         train(net, ds, seed=0, device="cpu", **_real_kwargs(batch_size, steps))
         single[name] = net.state_dict()
     start = seeded(0, _builder(ds, width)).state_dict()

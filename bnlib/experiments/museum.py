@@ -30,13 +30,15 @@ from typing import Callable
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import data as datasets
+from ..config import override
 from ..doctor import diagnose
-from ..models import mlp
+from ..inference import evaluate
+from ..models import MLPSpec
 from ..nn import batchnorm_layers
+from ..train import TrainSpec, train
 from . import Config, register
 
 __all__ = ["MuseumConfig", "EXHIBITS", "bug_museum", "plot_museum", "fit", "accuracy",
@@ -51,18 +53,15 @@ class MuseumConfig(Config):
     dataset: str = "digits"
     exhibits: tuple[str, ...] = ("keras_momentum", "no_running_stats", "params_only_checkpoint",
                                  "one_value_per_channel", "frozen_bn_finetune")
-    steps: int = 200
+    model: MLPSpec = MLPSpec(depth=2, width=64, norm="batch")
+    train: TrainSpec = TrainSpec(steps=200, batch_size=16, lr=0.1)   # plain SGD
     finetune_steps: int = 100
-    width: int = 64
-    depth: int = 2
-    batch_size: int = 16
-    lr: float = 0.1
     eval_batches: tuple[int, ...] = (2, 8, 32, 512)
 
     @classmethod
     def full(cls) -> "MuseumConfig":
-        return cls(dataset="mnist5k", steps=1500, finetune_steps=500, width=256,
-                   seeds=(0, 1, 2, 3, 4, 5, 6, 7))
+        return override(cls(), {"dataset": "mnist5k", "train.steps": 1500, "finetune_steps": 500,
+                                "model.width": 256, "seeds": tuple(range(8))})
 
 
 @functools.lru_cache(maxsize=4)
@@ -71,60 +70,53 @@ def _load(name: str) -> datasets.Dataset:
 
 
 def build(cfg: MuseumConfig, seed: int, **bn_options) -> nn.Module:
-    """The exhibits' model: ``mlp(depth, width, norm="batch")`` seeded with ``seed``, every
-    batch norm's constructor options replaced by ``bn_options`` (e.g. ``momentum=0.99``)."""
-    ds = _load(cfg.dataset)
-    torch.manual_seed(seed)
-    net = mlp(ds.num_features, ds.num_classes, depth=cfg.depth, width=cfg.width, norm="batch")
-    if bn_options:
-        for block in net.blocks:
-            old = block.norm
-            opts = dict(eps=old.eps, momentum=old.momentum, track_running_stats=old.track_running_stats)
-            block.norm = type(old)(old.num_features, **{**opts, **bn_options})
+    """The exhibits' model, ``cfg.model`` built with ``seed``, every batch norm's constructor
+    options replaced by ``bn_options`` (e.g. ``momentum=0.99``)."""
+    net = cfg.model.build(seed, _load(cfg.dataset))
+    for block in net.blocks if bn_options else ():
+        old = block.norm
+        opts = dict(eps=old.eps, momentum=old.momentum, track_running_stats=old.track_running_stats)
+        block.norm = type(old)(old.num_features, **{**opts, **bn_options})
     return net
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, *, steps: int, lr: float, batch_size: int,
-        seed: int, params: list[nn.Parameter] | None = None,
-        before_step: Callable[[nn.Module], None] | None = None, drop_last: bool = True) -> int:
-    """Plain SGD on ``(x, y)`` with epochs of shuffled batches; returns the steps done.
-
-    ``before_step(model)`` runs after ``model.train()`` at every step (the fine-tuning fix
-    puts the batch norms back in eval mode there). ``drop_last=False`` keeps the ragged
-    last batch of each epoch (the bug of exhibit ``one_value_per_channel``).
-    """
-    opt = torch.optim.SGD(params if params is not None else model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    done, n = 0, len(y)
-    while done < steps:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            if drop_last and len(idx) < batch_size:
-                break
-            model.train()
-            if before_step is not None:
-                before_step(model)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    model.eval()
-    return done
+def _ragged(n: int, batch_size: int, generator: torch.Generator):
+    """Shuffled epochs that keep the ragged last batch (the bug of ``one_value_per_channel``)."""
+    while True:
+        yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
-@torch.no_grad()
+class _BatchNormsInEval:
+    """A callback of :func:`bnlib.train.train` that keeps every batch norm in eval mode."""
+
+    def on_train_start(self, model: nn.Module) -> None:
+        for bn in batchnorm_layers(model):
+            bn.eval()
+
+    def __call__(self, info) -> None:
+        self.on_train_start(info.model)
+
+
+def fit(model: nn.Module, x: Tensor, y: Tensor, spec: TrainSpec, seed: int, *,
+        bn_eval: bool = False, drop_last: bool = True) -> int:
+    """Train ``model`` on ``(x, y)`` with :func:`bnlib.train.train` (``spec``'s optimiser,
+    steps and batch size; no evaluation); returns the steps done. ``bn_eval`` keeps the batch
+    norms in eval mode (the fine-tuning fix); ``drop_last=False`` keeps the ragged last batch
+    of each epoch (the bug of exhibit ``one_value_per_channel``)."""
+    ds = datasets.Dataset("museum", datasets.Split(x, y), datasets.Split(x[:0], y[:0]),
+                          datasets.Split(x[:0], y[:0]), tuple(x.shape[1:]), int(y.max()) + 1)
+    h = train(model, ds, steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size,
+              optimizer=spec.optimizer, momentum=spec.momentum, weight_decay=spec.weight_decay,
+              seed=seed, device="cpu", eval_splits=(), show_progress=False,
+              callbacks=[_BatchNormsInEval()] if bn_eval else (),
+              sampler=None if drop_last else _ragged)
+    return int(h.attrs["steps"])
+
+
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
-    """Accuracy in eval mode, evaluated in batches of ``batch_size`` (mode restored after)."""
-    was = model.training
-    model.eval()
-    hits = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-               for i in range(0, len(y), batch_size))
-    model.train(was)
-    return hits / len(y)
+    """Accuracy in eval mode, evaluated in batches of ``batch_size`` (mode restored after):
+    :func:`bnlib.inference.evaluate`."""
+    return evaluate(model, datasets.Split(x, y), batch_size=batch_size)[1]
 
 
 def _report(model: nn.Module, batch: Tensor) -> str:
@@ -132,21 +124,22 @@ def _report(model: nn.Module, batch: Tensor) -> str:
 
 
 def _train(cfg: MuseumConfig, seed: int, **bn_options) -> nn.Module:
-    """A model trained for ``cfg.steps``; the default one (no ``bn_options``) is trained
+    """A model trained for ``cfg.train.steps``; the default one (no ``bn_options``) is trained
     once per (config, seed) and shared by the exhibits as a copy."""
     if not bn_options:
         return copy.deepcopy(_trained_default(cfg, seed))
-    ds = _load(cfg.dataset)
-    net = build(cfg, seed, **bn_options)
-    fit(net, ds.train.x, ds.train.y, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed)
-    return net
+    return _fitted(cfg, seed, **bn_options)
 
 
 @functools.lru_cache(maxsize=16)
 def _trained_default(cfg: MuseumConfig, seed: int) -> nn.Module:
+    return _fitted(cfg, seed)
+
+
+def _fitted(cfg: MuseumConfig, seed: int, **bn_options) -> nn.Module:
     ds = _load(cfg.dataset)
-    net = build(cfg, seed)
-    fit(net, ds.train.x, ds.train.y, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed)
+    net = build(cfg, seed, **bn_options)
+    fit(net, ds.train.x, ds.train.y, cfg.train, seed)
     return net
 
 
@@ -157,7 +150,7 @@ def keras_momentum(cfg: MuseumConfig, seed: int) -> list[dict]:
     for arm, mom in (("bug", 0.99), ("fix", None)):
         net = _train(cfg, seed, momentum=0.99) if mom else _train(cfg, seed)
         rows.append(dict(arm=arm, accuracy=accuracy(net, ds.test.x, ds.test.y),
-                         findings=_report(net, ds.train.x[:cfg.batch_size]) if arm == "bug" else ""))
+                         findings=_report(net, ds.train.x[:cfg.train.batch_size]) if arm == "bug" else ""))
     return rows
 
 
@@ -168,7 +161,7 @@ def no_running_stats(cfg: MuseumConfig, seed: int) -> list[dict]:
     rows = []
     for arm in ("bug", "fix"):
         net = _train(cfg, seed, track_running_stats=False) if arm == "bug" else _train(cfg, seed)
-        report = _report(net, ds.train.x[:cfg.batch_size]) if arm == "bug" else ""
+        report = _report(net, ds.train.x[:cfg.train.batch_size]) if arm == "bug" else ""
         for b in cfg.eval_batches:
             rows.append(dict(arm=arm, eval_batch=b, findings=report,
                              accuracy=accuracy(net, ds.test.x, ds.test.y, batch_size=b)))
@@ -188,7 +181,7 @@ def params_only_checkpoint(cfg: MuseumConfig, seed: int) -> list[dict]:
         fresh.load_state_dict(ckpt, strict=False)
         fresh.eval()
         rows.append(dict(arm=arm, accuracy=accuracy(fresh, ds.test.x, ds.test.y),
-                         findings=_report(fresh, ds.train.x[:cfg.batch_size]) if arm == "bug" else ""))
+                         findings=_report(fresh, ds.train.x[:cfg.train.batch_size]) if arm == "bug" else ""))
     return rows
 
 
@@ -196,15 +189,15 @@ def one_value_per_channel(cfg: MuseumConfig, seed: int) -> list[dict]:
     """A training set of ``k · batch_size + 1`` examples, one epoch: keeping the ragged
     last batch (bug) fails at its end; dropping it (fix) trains."""
     ds = _load(cfg.dataset)
-    k = len(ds.train.y) // cfg.batch_size - 1
-    n = k * cfg.batch_size + 1
+    k = len(ds.train.y) // cfg.train.batch_size - 1
+    n = k * cfg.train.batch_size + 1
     x, y = ds.train.x[:n], ds.train.y[:n]
     rows = []
     for arm in ("bug", "fix"):
         net = build(cfg, seed)
         note, acc, findings = "", float("nan"), ""
         try:
-            done = fit(net, x, y, steps=k + 1, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed,
+            done = fit(net, x, y, override(cfg.train, {"steps": k + 1}), seed,
                        drop_last=arm == "fix")
             acc, note = accuracy(net, ds.test.x, ds.test.y), f"trained {done} steps"
         except ValueError as e:
@@ -235,15 +228,10 @@ def frozen_bn_finetune(cfg: MuseumConfig, seed: int) -> list[dict]:
             p.requires_grad_(False)
         for p in net.head.parameters():
             p.requires_grad_(True)
-        findings = _report(net, ds.train.x[:cfg.batch_size]) if arm == "bug" else ""
+        findings = _report(net, ds.train.x[:cfg.train.batch_size]) if arm == "bug" else ""
 
-        def bn_eval(model: nn.Module) -> None:
-            for bn in batchnorm_layers(model):
-                bn.eval()
-
-        fit(net, _invert(ds.train.x), ds.train.y, steps=cfg.finetune_steps, lr=cfg.lr,
-            batch_size=cfg.batch_size, seed=seed, params=list(net.head.parameters()),
-            before_step=bn_eval if arm == "fix" else None)
+        fit(net, _invert(ds.train.x), ds.train.y, override(cfg.train, {"steps": cfg.finetune_steps}),
+            seed, bn_eval=arm == "fix")
         new_task = accuracy(net, _invert(ds.test.x), ds.test.y)
         net.head = old_head
         rows.append(dict(arm=arm, accuracy=accuracy(net, ds.test.x, ds.test.y), new_task=new_task,
