@@ -285,7 +285,6 @@ def _single_process() -> tuple[dict, dict, dict]:
     """Full-batch BN, and ghost BN with ghost batches of B/2, trained in this process."""
     full = seeded(3, _build)
     train(full, _toy_data(), seed=3, device="cpu", **TRAIN)
-    # .double(): use_ghost_batchnorm makes float32 layers (it keeps the device, not the dtype)
     ghost = use_ghost_batchnorm(seeded(3, _build), virtual_batch_size=TRAIN["batch_size"] // 2).double()
     train(ghost, _toy_data(), seed=3, device="cpu", **TRAIN)
     return seeded(3, _build).state_dict(), full.state_dict(), ghost.state_dict()
