@@ -283,13 +283,12 @@ def layer_groups(model: Net) -> list[list[str]]:
 
 
 def ics_measure(model: Net, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
-                loss: Callable[[Tensor, Tensor], Tensor], lr: float, layers: Sequence[int],
-                update: Mapping[str, Tensor] | None = None) -> list[dict]:
+                loss: Callable[[Tensor, Tensor], Tensor], lr: float, layers: Sequence[int]) -> list[dict]:
     """Santurkar et al.'s Definition 2.1 of internal covariate shift, for each of ``layers``.
 
     ``G`` = ∂L/∂W_i at ``params``; ``G′`` = the same gradient on the same ``(x, y)`` after
-    every layer before ``i`` (weights, biases, BN γ and β) has moved by its update step,
-    ``−lr·∂L/∂θ`` (or ``update[name]``). The model is never mutated (``functional_call``);
+    every layer before ``i`` (weights, biases, BN γ and β) has moved by its SGD step
+    ``−lr·∂L/∂θ``. The model is never mutated (``functional_call``);
     it runs in its current mode, BN running statistics untouched. One dict per layer:
     ``layer``, ``cosine`` (cos(G, G′), 1 = no shift), ``rel_diff`` (‖G − G′‖/‖G‖),
     ``diff``, ``grad_norm`` (‖G‖) and ``loss`` (at ``params``).
@@ -310,7 +309,7 @@ def ics_measure(model: Net, params: Mapping[str, Tensor], x: Tensor, y: Tensor, 
         names = list(params)
         value, g_list = grads(params, names)
         g_all = dict(zip(names, g_list))
-        step = update if update is not None else {n: -lr * g for n, g in g_all.items()}
+        step = {n: -lr * g for n, g in g_all.items()}
         rows = []
         for i in layers:
             w = groups[i][0]
