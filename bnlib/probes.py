@@ -4,7 +4,8 @@
   (or outputs) on a fixed probe batch, without changing the model;
 * :class:`PercentileTracker` — a training callback that records those percentiles for one
   unit every ``every`` steps (the BN paper's Figure 1(b, c));
-* :func:`gradient_norms` / :func:`weight_norms` — per-layer norms, input layer first.
+* :func:`gradient_norms` / :func:`weight_norms` — per-layer norms, input layer first;
+* :class:`LossRecorder` — every step's mini-batch loss.
 
 Probes never change the model's training state: running statistics are saved and
 restored around every probe forward pass.
@@ -26,7 +27,7 @@ from .nn import batchnorm_layers
 if TYPE_CHECKING:
     from .train import StepInfo
 
-__all__ = ["Probe", "WeightNormTracker", "activation_stats", "PercentileTracker", "gradient_norms", "weight_norms",
+__all__ = ["Probe", "LossRecorder", "WeightNormTracker", "activation_stats", "PercentileTracker", "gradient_norms", "weight_norms",
            "frozen_batchnorm_buffers", "capture"]
 
 
@@ -110,6 +111,22 @@ class Probe:
     def frame(self) -> pd.DataFrame:
         """One row per recorded measurement."""
         return pd.DataFrame(self.rows)
+
+
+class LossRecorder(Probe):
+    """Training callback: the mini-batch loss of every optimiser step (``frame()``: ``step,
+    loss``), the training trajectory step by step (chapter 10 compares two of them)."""
+
+    name = "loss"
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def __call__(self, info) -> None:
+        self.rows.append({"step": info.step, "loss": info.loss.item()})
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["step", "loss"])
 
 
 class PercentileTracker(Probe):

@@ -29,7 +29,7 @@ from .probes import Probe, WeightNormTracker
 from .train import TrainSpec, fit
 
 __all__ = ["Tuning", "Protocol", "arm_config", "load_data", "train_spec", "runs", "choose", "tuned",
-           "trained", "rows", "column", "HiddenWeightNorms"]
+           "trained", "probed", "rows", "column", "HiddenWeightNorms"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ class Protocol(Config):
             raise NotImplementedError(f"{cls.__name__} has no full preset yet")
         return override(cls(), cls.FULL)
 
+    def prepare(self, data: datasets.Dataset) -> datasets.Dataset:
+        """The loaded data set as this experiment feeds it (default: unchanged). A chapter's
+        config may override it, e.g. to rescale the inputs by one of its fields."""
+        return data
+
 
 def column(key: str) -> str:
     """The result column of a config key: its last part (``"train.lr"`` → ``"lr"``)."""
@@ -90,11 +95,11 @@ _DATA: dict[tuple, datasets.Dataset] = {}
 
 
 def load_data(cfg: Protocol) -> datasets.Dataset:
-    """The config's data set (loaded once per process)."""
+    """The config's data set (loaded once per process), through ``cfg.prepare``."""
     k = (cfg.data, cfg.preprocessing, cfg.n_train)
     if k not in _DATA:
         _DATA[k] = datasets.load(cfg.data, preprocessing=cfg.preprocessing, n_train=cfg.n_train)
-    return _DATA[k]
+    return cfg.prepare(_DATA[k])
 
 
 def train_spec(cfg: Protocol) -> TrainSpec:
@@ -137,6 +142,31 @@ class HiddenWeightNorms(Probe):
 
     def __call__(self, info) -> None:
         self.tracker(info)
+
+
+def probed(cfg: Protocol, make: Callable[[Protocol, datasets.Dataset], Any], *,
+           arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None) -> pd.DataFrame:
+    """Train each arm × seed with :func:`fit` and fresh probes, one by one.
+
+    ``make(arm_cfg, data)`` returns one :class:`bnlib.probes.Probe` (or a sequence of them)
+    for a run; ``data`` is the data set as the network reads it. Returns the histories
+    (``record == "history"``) and every probe's :meth:`frame` (``record`` = the probe's
+    ``name`` attribute, else ``"probe"``), each row with ``arm``, ``seed`` and the run's
+    ``diverged``."""
+    frames = []
+    for arm in (cfg.arms if arms is None else arms):
+        acfg = arm_config(cfg, arm)
+        data = acfg.model.inputs(load_data(acfg))
+        for seed in (cfg.seeds if seeds is None else seeds):
+            made = make(acfg, data)
+            made = list(made) if isinstance(made, (list, tuple)) else [made]
+            h = fit(acfg.model, train_spec(acfg), data, seed, callbacks=made)
+            h.attrs = {}
+            div = bool(h["diverged"].any())
+            frames.append(h.assign(record="history", arm=arm, seed=seed))
+            frames += [p.frame().assign(record=getattr(p, "name", "probe"), arm=arm, seed=seed,
+                                        diverged=div) for p in made]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _stacked():

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlib.config import override
 from bnlib.experiments import covariate_shift as cs
-from bnlib.models import mlp
+from bnlib.models import MLPSpec, mlp
+from bnlib.protocol import load_data
 from bnlib.nn import BatchNorm1d
 
 
@@ -54,37 +56,43 @@ def test_add_shift_noise_wraps_every_norm():
         cs.add_shift_noise(nn.Linear(2, 2))
 
 
+def test_noisy_spec_builds_paired_nets_with_noise():
+    from bnlib import data as datasets
+    ds = datasets.load("digits")
+    quiet, noisy = cs.NoisySpec(MLPSpec(depth=2, width=8)), cs.NoisySpec(MLPSpec(depth=2, width=8), noise=True)
+    a, b = quiet.build(0, ds), noisy.build(0, ds)
+    assert torch.equal(a.blocks[0].layer.weight, b.blocks[0].layer.weight)  # same init stream
+    assert isinstance(b.blocks[1].norm[1], cs.ShiftNoise) and isinstance(a.blocks[1].norm, nn.Identity)
+
+
 def test_shift_probe_records_moments_and_bn_guarantee():
     torch.manual_seed(0)
     net = mlp(6, 3, depth=2, width=8, norm="batch")
     block = net.blocks[-1]
-    probe = cs.ShiftProbe(block, torch.randn(40, 6), every=1, bn=block.norm)
+    probe = cs.ShiftProbe(torch.randn(40, 6), every=1)
     before = block.norm.running_mean.clone()
-    probe.record(0, net)
+    probe.on_train_start(net)
     with torch.no_grad():
         block.layer.weight.mul_(2.0)
     probe.record(1, net)
     rows = probe.frame()
     assert list(rows["step"]) == [0, 1] and pd.isna(rows["d_mean"].iloc[0])
+    assert rows["d_mean"].iloc[1] > 0
     assert rows["bn_mean_err"].max() < 1e-5 and rows["bn_var_err"].max() < 1e-2
     assert torch.equal(block.norm.running_mean, before)  # probes never move running stats
     with pytest.raises(ValueError):
-        cs.ShiftProbe(block, torch.randn(4, 6), every=0)
+        cs.ShiftProbe(torch.randn(4, 6), every=0)
 
 
-def test_noisy_bn_tiny_run_and_summaries():
-    cfg = dataclasses.replace(cs.NoisyBNConfig(), width=16, steps=6, eval_every=3, probe_every=2,
-                              seeds=(0,), arms=("BN", "noisy BN"), probe_size=32)
+def test_noisy_bn_tiny_run_and_summary():
+    cfg = override(cs.NoisyBNConfig(), {"model.net.width": 16, "train.steps": 6, "train.eval_every": 3,
+                                        "probe_every": 2, "seeds": (0,), "probe_size": 32})
+    cfg = dataclasses.replace(cfg, arms={a: cfg.arms[a] for a in ("BN", "noisy BN")})
     df = cs.noisy_bn(cfg)
     assert set(df["record"]) == {"history", "probe"} and set(df["arm"]) == {"BN", "noisy BN"}
     runs = cs.run_summary(df, early_step=3)
     assert len(runs) == 2 and runs["test_acc"].between(0, 1).all()
-    table = cs.mean_sd_table(runs, "arm", ["test_acc"])
-    assert list(table.index) == ["BN", "noisy BN"]
-    with pytest.raises(ValueError, match="unknown arms"):
-        cs.noisy_bn(dataclasses.replace(cfg, arms=("batch",)))
-    with pytest.raises(ValueError, match="not in the frame"):
-        cs.mean_sd_table(runs, "arm", ["nope"])
+    assert runs["val_acc_early"].notna().all() and (runs["d_mean"] > 0).all()
 
 
 def test_layer_groups_put_each_weight_first():
@@ -100,6 +108,7 @@ def test_ics_measure_matches_a_hand_computation():
     params = dict(net.named_parameters())
     lr = 0.3
     (row,) = cs.ics_measure(net, params, x, y, loss=F.cross_entropy, lr=lr, layers=[1])
+    assert row["loss"] == pytest.approx(F.cross_entropy(net(x), y).item(), rel=1e-6)
     # by hand: G at θ; G′ after the first layer's weight and bias took their SGD step
     loss = F.cross_entropy(net(x), y)
     g = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
@@ -129,17 +138,25 @@ def test_ics_measure_is_tiny_for_a_tiny_step_and_checks_inputs():
         cs.ics_measure(net, dict(net.named_parameters()), x, y, loss=F.cross_entropy, lr=-1, layers=[1])
 
 
-def test_ics_gradient_tiny_run():
-    cfg = cs.ICSConfig(dln_layers=4, dln_samples=64, dln_steps=3, dln_measure_at=(0, 3),
-                       dln_probe_layers=(1, 2), mlp_depth=3, mlp_width=8, mlp_steps=4, mlp_every=2,
-                       mlp_probe_layers=(1,), seeds=(0,))
+def test_ics_probe_on_fit_and_tiny_run():
+    cfg = override(cs.ICSConfig(), {"dln_model.depth": 3, "dln_samples": 64, "dln_train.batch_size": 64,
+                                    "dln_train.steps": 3, "dln_at": (1, 3), "dln_layers": (1, 2),
+                                    "model.depth": 3, "model.width": 8, "train.steps": 4, "at": (1, 4),
+                                    "layers": (1,), "seeds": (0, 1)})
     df = cs.ics_gradient(cfg)
     assert set(df["part"]) == {"dln", "mlp"} and set(df["arm"]) == {"plain", "BN"}
-    assert df["cosine"].between(-1 - 1e-6, 1 + 1e-6).all()
+    assert set(df[df["part"] == "dln"]["step"]) == {1, 3} and set(df[df["part"] == "mlp"]["step"]) == {1, 4}
+    assert df["cosine"].between(-1 - 1e-6, 1 + 1e-6).all() and (df["loss"] > 0).all()
     summary = cs.ics_summary(df, "dln")
-    assert set(summary.columns) >= {"min_cosine", "mean_rel_diff", "final_loss"} and len(summary) == 2
+    assert set(summary.columns) >= {"min_cosine", "mean_rel_diff", "final_loss"} and len(summary) == 4
     with pytest.raises(ValueError, match="parts"):
         cs.ics_gradient(dataclasses.replace(cfg, parts=("vgg",)))
+
+
+def test_dln_data_has_the_declared_samples():
+    cfg = dataclasses.replace(cs.ICSConfig(), data="deep_linear", preprocessing="raw")
+    ds = load_data(cfg)
+    assert len(ds.train) == cfg.dln_samples and ds.num_classes is None and ds.num_features == 10
 
 
 def test_configs_declare_margin_and_eight_seeds():
@@ -147,3 +164,4 @@ def test_configs_declare_margin_and_eight_seeds():
     assert len(cfg.seeds) >= 8 and 0 < cfg.margin < 0.1  # "no difference" needs a TOST on ≥ 8 seeds
     assert len(cs.ICSConfig().seeds) >= 8
     assert cs.NoisyBNConfig.full().margin == cfg.margin
+    assert cs.NoisyBNConfig.full().model.net.channels[0] == 64 and cs.ICSConfig.full().dln_samples == 1000

@@ -131,3 +131,25 @@ def test_probes_on_cuda(net):
     assert np.isfinite(df[["mean", "var", "p15", "p50", "p85"]].to_numpy()).all()
     norms = probes.gradient_norms(net, x, torch.randint(0, 3, (32,), device="cuda"))
     assert np.isfinite(norms).all()
+
+
+def test_loss_recorder_and_probed_label_every_run():
+    from bnlib.models import MLPSpec
+    from bnlib.protocol import Protocol, probed
+    from bnlib.train import TrainSpec
+    cfg = Protocol(model=MLPSpec(depth=1, width=8), train=TrainSpec(steps=5, eval_every=5, batch_size=32),
+                   seeds=(0, 1))
+    made = []
+
+    def make(acfg, data):
+        made.append(probes.LossRecorder())
+        return made[-1]
+
+    df = probed(cfg, make)
+    assert len(made) == 4 and set(df["record"]) == {"history", "loss"}
+    steps = df[df["record"] == "loss"]
+    assert list(steps.groupby(["arm", "seed"]).size()) == [5] * 4 and (steps["loss"] > 0).all()
+    # the recorded mini-batch losses are the history's: the mean over the 5 steps is its "batch" loss
+    hist = df[(df["record"] == "history") & (df["split"] == "batch")].set_index(["arm", "seed"])["loss"]
+    mean = steps.groupby(["arm", "seed"])["loss"].mean()
+    assert np.allclose(mean.loc[hist.index], hist, rtol=1e-6)
