@@ -63,8 +63,34 @@ def test_ghost_bn_errors_and_spec():
     assert net(torch.randn(16, 6)).shape == (16, 3)
 
 
+def test_stacked_ghost_bn_matches_ghost_bn():
+    from bnlib.experiments.generalization import _StackedGhostBatchNorm1d
+    torch.manual_seed(2)
+    ref = GhostBatchNorm1d(5, virtual_batch_size=8)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.normal_()
+    fast = GhostBatchNorm1d(5, virtual_batch_size=8)
+    fast.load_state_dict(ref.state_dict())
+    fast.__class__ = _StackedGhostBatchNorm1d
+    for _ in range(2):
+        xa = (torch.randn(64, 5) * 3 + 1).requires_grad_()
+        xb = xa.detach().clone().requires_grad_()
+        ya, yb = ref(xa), fast(xb)
+        torch.testing.assert_close(ya, yb)
+        g = torch.randn(64, 5)
+        ya.backward(g), yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ref.weight.grad, fast.weight.grad)
+    torch.testing.assert_close(ref.running_var, fast.running_var)
+    torch.testing.assert_close(ref.running_mean, fast.running_mean)
+    assert int(ref.num_batches_tracked) == int(fast.num_batches_tracked) == 16
+    assert fast(torch.randn(30, 5)).shape == (30, 5)  # ragged: falls back to the chunk loop
+
+
 def test_generalization_tiny_final_wide_and_matched_gap():
     df = generalization(override(GeneralizationConfig(), TINY))
+    assert set(df.loc[df["kind"] == "tuning", "split"]) == {"batch", "val"}
+    assert set(df.loc[df["kind"] == "tuning", "step"]) == {0, 4}  # val at the end only
     table = final_wide(df)
     assert len(table) == 2 * 2  # arms x reported seeds
     assert {"accuracy_test", "loss_train", "gap", "lr"} <= set(table.columns)

@@ -6,8 +6,7 @@ import pytest
 from bnlib import analysis
 from bnlib.config import override
 from bnlib.experiments import get
-from bnlib.experiments.speed import (IoffeConfig, SpeedConfig, ioffe_mnist, seconds_per_step,
-                                     speed, step_timing)
+from bnlib.experiments.speed import IoffeConfig, SpeedConfig, ioffe_mnist, speed, step_timing
 from bnlib.protocol import rows
 
 
@@ -26,9 +25,10 @@ def test_speed_tiny_run_has_every_kind():
     tuning, hist, equal = rows(df, "tuning"), rows(df, "history"), rows(df, "equal_rate")
     assert set(tuning["seed"]) == {1000} and set(hist["seed"]) == {0, 1}  # disjoint seeds
     assert set(tuning["lr"]) == {0.01, 0.1, 1.0}
+    assert set(tuning["split"]) == {"batch", "val"} and set(hist["split"]) == {"batch", "test"}
     rate = hist.groupby("arm")["lr"].first()
     assert set(equal["arm"]) == {"BN"} and set(equal["lr"]) == {rate["plain"]}
-    per_step = seconds_per_step(df)
+    per_step = rows(df, "timing").groupby("arm")["seconds"].median()
     assert set(per_step.index) == {"plain", "BN"} and (per_step > 0).all()
     ttt = analysis.time_to_target(hist, 0.2, split="test", keys=["arm", "seed"])
     assert len(ttt) == 4 and ttt["budget"].max() == 20

@@ -71,21 +71,24 @@ class CostConfig(Config):
                                 "repeats": 50, "number": 5, "seeds": (0,)})
 
 
-def _cost_model(cfg: CostConfig, kind: str, arm: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    norm, impl = COST_ARMS[arm]
+def _net(cfg: "CostConfig | FoldConfig", kind: str, norm: str, impl: str, batch: int
+         ) -> tuple[nn.Module, torch.Tensor, torch.Generator]:
+    """The ``kind`` network (seed 0), a random input batch and the generator that made it."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if kind == "mlp":
         net = mlp(cfg.mlp_in, 10, depth=cfg.mlp_depth, width=cfg.mlp_width, norm=norm,
                   norm_impl=impl)
-        x = torch.randn(cfg.mlp_batch, cfg.mlp_in, generator=g)
-        n = cfg.mlp_batch
-    elif kind == "cnn":
+        return net, torch.randn(batch, cfg.mlp_in, generator=g), g
+    if kind == "cnn":
         net = cnn(cfg.cnn_shape[0], 10, channels=cfg.cnn_channels, norm=norm, norm_impl=impl)
-        x = torch.randn(cfg.cnn_batch, *cfg.cnn_shape, generator=g)
-        n = cfg.cnn_batch
-    else:
-        raise ValueError(f"model must be 'mlp' or 'cnn', got {kind!r}")
+        return net, torch.randn(batch, *cfg.cnn_shape, generator=g), g
+    raise ValueError(f"model must be 'mlp' or 'cnn', got {kind!r}")
+
+
+def _cost_model(cfg: CostConfig, kind: str, arm: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    n = cfg.mlp_batch if kind == "mlp" else cfg.cnn_batch
+    net, x, g = _net(cfg, kind, *COST_ARMS[arm], n)
     return net, x, torch.randint(0, 10, (n,), generator=g)
 
 
@@ -177,16 +180,7 @@ class FoldConfig(Config):
 
 
 def _bn_model(cfg: FoldConfig, kind: str) -> tuple[nn.Module, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    if kind == "mlp":
-        net = mlp(cfg.mlp_in, 10, depth=cfg.mlp_depth, width=cfg.mlp_width, norm="batch",
-                  norm_impl="torch")
-        x = torch.randn(cfg.batch, cfg.mlp_in, generator=g)
-    else:
-        net = cnn(cfg.cnn_shape[0], 10, channels=cfg.cnn_channels, norm="batch",
-                  norm_impl="torch")
-        x = torch.randn(cfg.batch, *cfg.cnn_shape, generator=g)
+    net, x, g = _net(cfg, kind, "batch", "torch", cfg.batch)
     with torch.no_grad():
         net.train()
         for _ in range(cfg.warm_batches):     # running statistics away from (0, 1)
