@@ -36,11 +36,17 @@ that changes nothing in the histories, since a diverged run's rows end at the pr
 evaluation either way. A diverged member's ``attrs["model"]`` holds its parameters from when
 it was dropped.
 
+Dropout draws each member's masks from that member's own generator, which starts where
+the global generator stood after the member's network was built (as in ``fit``, where
+``torch.manual_seed(seed)`` precedes the build and the masks come next), layer by layer in
+``fit``'s order: so the masks, too, equal the sequential run's (on the CPU; on a GPU ``fit``
+draws them from the GPU's generator, so dropout runs there are not stacked).
+
 Supported (:func:`supports`): :class:`~bnlib.models.MLPSpec` with ``norm`` "none" or
 "batch", either placement, activations relu/tanh/sigmoid/gelu/identity, residual blocks, any
-depth and width, ``dropout == 0``; optimizer ``"sgd"``; classification or regression data.
-Not supported, so the caller falls back to sequential :func:`bnlib.train.fit`: CNNs, dropout,
-Adam, layer/group norm, callbacks and probes, custom samplers.
+depth and width, dropout (on the CPU); optimizer ``"sgd"``; classification or regression data.
+Not supported, so the caller falls back to sequential :func:`bnlib.train.fit`: CNNs, Adam,
+layer/group/ghost norm, callbacks and probes, custom samplers.
 """
 from __future__ import annotations
 
@@ -79,8 +85,8 @@ class Member:
 def supports(model: object, spec: TrainSpec) -> bool:
     """Whether :func:`fit_many` can train ``model`` with ``spec`` (else use ``fit``)."""
     return (type(model) is MLPSpec and model.norm in ("none", "batch")
-            and model.activation in _ACTIVATIONS and not model.dropout
-            and spec.optimizer == "sgd")
+            and model.activation in _ACTIVATIONS and spec.optimizer == "sgd"
+            and (not model.dropout or resolve_device(spec.device).type == "cpu"))
 
 
 class _StackedBatchNorm(torch.autograd.Function):
@@ -115,8 +121,12 @@ class _Stack:
     """The stacked network's state: parameters, running statistics, momentum buffers."""
 
     def __init__(self, model: MLPSpec, nets: Sequence[Net], dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, gens: Sequence[torch.Generator] = ()) -> None:
         self.act = _ACTIVATIONS[model.activation]
+        # dropout: on the input of hidden layers 1.. ("blocks") and of the head (always)
+        self.p = float(model.dropout)
+        self.drop_blocks = bool(model.dropout) and model.dropout_at == "blocks"
+        self.gens = list(gens)  # one generator per member, for its dropout masks
         self.before = model.placement == "before"
         self.bn = model.norm == "batch"
         first = nets[0]
@@ -165,22 +175,34 @@ class _Stack:
         self._set_params([p.detach()[idx].requires_grad_(True) for p in self.params()])
         self.rm = [t[idx] for t in self.rm]
         self.rv = [t[idx] for t in self.rv]
+        self.gens = [self.gens[i] for i in idx.tolist()] if self.gens else []
         if self.bufs is not None:
             self.bufs = [t[idx] for t in self.bufs]
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        """``x`` ``(M, B, F)`` times each member's mask, drawn as ``F.dropout`` draws it on
+        the CPU (Bernoulli(1 − p) noise, divided by 1 − p) from the member's generator."""
+        keep = 1.0 - self.p
+        noise = torch.stack([torch.empty(x.shape[1:], dtype=x.dtype).bernoulli_(keep, generator=g)
+                             for g in self.gens]).div_(keep)
+        return x * noise.to(x.device)
 
     def forward(self, x: Tensor, train: bool) -> Tensor:
         """``x``: ``(M, B, F)`` in training, ``(N, F)`` (shared by every member) in eval."""
         for i, res in enumerate(self.residual):
             W, b = self.W[i], self.b[i]
-            if x.dim() == 2:  # one input for all members: (N, F) @ (M, F, out) broadcasts
-                h = torch.matmul(x, W.mT) if b is None else torch.matmul(x, W.mT).add_(b)
+            xin = self._dropout(x) if train and self.drop_blocks and i > 0 and self.p else x
+            if xin.dim() == 2:  # one input for all members: (N, F) @ (M, F, out) broadcasts
+                h = torch.matmul(xin, W.mT) if b is None else torch.matmul(xin, W.mT).add_(b)
             else:
-                h = torch.bmm(x, W.mT) if b is None else torch.baddbmm(b, x, W.mT)
+                h = torch.bmm(xin, W.mT) if b is None else torch.baddbmm(b, xin, W.mT)
             if self.before:
                 h = self.act(self._norm(h, i, train))
             else:
                 h = self._norm(self.act(h), i, train)
             x = x + h if res else h
+        if train and self.p:
+            x = self._dropout(x)
         return torch.baddbmm(self.b[-1], x, self.W[-1].mT)
 
     def _norm(self, h: Tensor, i: int, train: bool) -> Tensor:
@@ -311,17 +333,21 @@ def fit_many(model: MLPSpec, spec: TrainSpec, data: Dataset | str, members: Sequ
     dtype = ds.train.x.dtype
 
     with runtime.pinned_threads():
-        nets = [model.build(m.seed, ds).to(device=dev, dtype=dtype) for m in members]
-        histories = _run(model, nets, ds, members, hyper, steps, bsz, eval_every,
+        nets, gens = [], []
+        for m in members:
+            nets.append(model.build(m.seed, ds).to(device=dev, dtype=dtype))
+            gens.append(torch.Generator())  # the member's dropout masks go on from here,
+            gens[-1].set_state(torch.get_rng_state())  # as fit's go on from the global one
+        histories = _run(model, nets, gens, ds, members, hyper, steps, bsz, eval_every,
                          spec.eval_splits, classification, max_weight_norm, dev)
     return histories
 
 
-def _run(model, nets, ds, members, hyper, steps, bsz, eval_every, eval_splits,
+def _run(model, nets, gens, ds, members, hyper, steps, bsz, eval_every, eval_splits,
          classification, max_weight_norm, dev) -> list[pd.DataFrame]:
     M = len(members)
     dtype = ds.train.x.dtype
-    stack = _Stack(model, nets, dtype, dev)
+    stack = _Stack(model, nets, dtype, dev, gens)
     lr = torch.tensor([h[0] for h in hyper], dtype=dtype, device=dev)
     mom = torch.tensor([h[1] for h in hyper], dtype=dtype, device=dev)
     wd = torch.tensor([h[2] for h in hyper], dtype=dtype, device=dev)

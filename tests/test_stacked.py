@@ -58,6 +58,10 @@ MODELS = {
     "bn-after": MLPSpec(depth=3, width=24, norm="batch", placement="after"),
     "residual-bn-tanh": MLPSpec(depth=3, width=24, norm="batch", residual=True, activation="tanh"),
     "residual-gelu": MLPSpec(depth=3, width=24, residual=True, activation="gelu"),
+    # dropout: each member's masks come from its own generator, in fit's order
+    "bn-dropout": MLPSpec(depth=3, width=24, norm="batch", dropout=0.3),
+    "residual-dropout-head": MLPSpec(depth=3, width=24, residual=True, dropout=0.2,
+                                     dropout_at="head"),
     "sigmoid-bn-after": MLPSpec(depth=2, width=16, norm="batch", placement="after",
                                 activation="sigmoid"),
 }
@@ -153,7 +157,6 @@ def test_fit_grid(digits32):
 
 @pytest.mark.parametrize("model, spec", [
     (CNNSpec(), SPEC),
-    (MLPSpec(dropout=0.1), SPEC),
     (MLPSpec(norm="layer"), SPEC),
     (MLPSpec(norm="group"), SPEC),
     (MLPSpec(), dataclasses.replace(SPEC, optimizer="adam")),
