@@ -61,7 +61,9 @@ def test_prune_keeps_todays_entries_and_drops_the_rest(tmp_path, monkeypatch):
     assert notebook_cache.prune(cache) == (0, 0)               # no cache yet: nothing to do
     notebook_cache.store(tmp_path / "ch.ipynb", _notebook(), _outputs(), 1.0, cache=cache)
     assert notebook_cache.prune(cache) == (1, 0)
-    monkeypatch.setenv("BNLIB_SCALE", "full")                  # another setting: stale
+    monkeypatch.setenv("BNLIB_PROGRESS", "0")                  # bars: not an output setting
+    assert notebook_cache.prune(cache) == (1, 0)
+    monkeypatch.setenv("BNLIB_SCALE", "full")                  # another scale: stale
     assert notebook_cache.prune(cache) == (0, 1)
     with pytest.raises(KeyError):
         jupyter_cache.get_cache(str(cache)).match_cache_notebook(_notebook())

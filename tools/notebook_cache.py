@@ -9,7 +9,7 @@ costs CI about seven minutes and proves nothing new, so:
   the book build reads (``_build/.jupyter_cache``; ``_config.yml`` sets
   ``execute_notebooks: cache``). The record carries a :func:`stamp`.
 * ``tools/book_sphinx.py`` calls :func:`prune` when the build starts: a record whose stamp is
-  not today's (bnlib's source, torch, Python environment or a ``BNLIB_*`` setting changed, or
+  not today's (bnlib's source, torch, the Python environment, BNLIB_SCALE or BNLIB_THREADS changed, or
   the record was not written here) is removed, so its notebook is executed afresh.
 
 The cache matches a notebook by a hash of its code cells, so an edited chapter is executed
@@ -28,7 +28,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "_build" / ".jupyter_cache"      # where Jupyter Book looks (beside _build/html)
-ENV_KEYS = ("BNLIB_SCALE", "BNLIB_THREADS", "BNLIB_DEVICE", "BNLIB_PROGRESS", "BNLIB_CACHE", "BNLIB_DATA")
+# The settings that change what a chapter computes. Not BNLIB_PROGRESS (bars never draw in a
+# kernel; tests/conftest.py sets it to 0 for the test run), nor BNLIB_CACHE / BNLIB_DATA
+# (where results and data sets are kept, not what they are).
+ENV_KEYS = ("BNLIB_SCALE", "BNLIB_THREADS")
 
 
 def stamp() -> dict[str, Any]:
