@@ -38,7 +38,7 @@ BATCH_NORMS = ("batch", "ghost", "renorm")  # their β replaces the bias of the 
 
 
 def make_norm(kind: Norm, features: int, *, conv: bool, impl: str = "bnlib",
-              groups: int = 8, dims: int = 2) -> nn.Module:
+              groups: int = 8, dims: int = 2, ghost_size: int = 8) -> nn.Module:
     """A normalisation layer for ``features`` channels; ``impl`` picks bnlib's BN or torch's.
     ``dims`` is the convolution's dimensionality (2 for images, 1 for sequences)."""
     if kind == "none":
@@ -56,9 +56,9 @@ def make_norm(kind: Norm, features: int, *, conv: bool, impl: str = "bnlib",
         g = math.gcd(groups, features)
         from .norms import GroupNorm  # bnlib's from-scratch GroupNorm (chapter 16)
         return GroupNorm(g, features)
-    if kind == "ghost":  # ghost batches of 8 (chapter 19 sets its own size)
+    if kind == "ghost":  # ghost batches of ghost_size examples (Hoffer's running statistics)
         from .nn import GhostBatchNorm
-        return GhostBatchNorm(features)
+        return GhostBatchNorm(features, ghost_size)
     if kind == "renorm":  # Batch Renorm with the layer's default schedule (chapter 19 sets its own)
         from .norms import BatchRenorm1d, BatchRenorm2d
         return (BatchRenorm2d if conv and dims == 2 else BatchRenorm1d)(features)
@@ -143,8 +143,9 @@ def mlp(in_features: int, num_classes: int, *, depth: int = 3, width: int = 128,
         residual: bool = False, init: Init = "kaiming", init_scale: float = 1.0,
         init_std: float | None = None, norm_impl: str = "bnlib",
         residual_branch_scale: float | None = None, dropout: float = 0.0,
-        dropout_at: Literal["blocks", "head"] = "blocks") -> Net:
-    """A multilayer perceptron with ``depth`` hidden layers of ``width`` units.
+        dropout_at: Literal["blocks", "head"] = "blocks", ghost_size: int = 8) -> Net:
+    """A multilayer perceptron with ``depth`` hidden layers of ``width`` units
+    (``norm="ghost"``: ghost batch norm over virtual batches of ``ghost_size`` examples).
 
     ``dropout`` (a probability) is applied to the input of every hidden layer after the
     first and of the classifier (``dropout_at="blocks"``: so with ``placement="before"``
@@ -164,7 +165,7 @@ def mlp(in_features: int, num_classes: int, *, depth: int = 3, width: int = 128,
         fan_in = in_features if i == 0 else width
         bias = not (norm in BATCH_NORMS and placement == "before")
         blocks.append(Block(nn.Linear(fan_in, width, bias=bias),
-                            make_norm(norm, width, conv=False, impl=norm_impl),
+                            make_norm(norm, width, conv=False, impl=norm_impl, ghost_size=ghost_size),
                             ACTIVATIONS[activation](), placement, residual and i > 0))
         if dropout and dropout_at == "blocks" and i > 0:
             blocks[-1].drop = nn.Dropout(dropout)
@@ -236,6 +237,7 @@ class MLPSpec:
     residual_branch_scale: float | None = None
     dropout: float = 0.0
     dropout_at: str = "blocks"
+    ghost_size: int = 8  # examples per virtual batch when norm == "ghost"
 
     def inputs(self, data: "Dataset") -> "Dataset":
         """The data as this network reads it (flat vectors)."""

@@ -186,7 +186,7 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
     ``grid`` maps config keys to values (``{"train.lr": (0.01, 0.1)}``); each key becomes a
     column named by its last part. Arms are paired: for a given seed every arm and grid
     point starts from the same random stream and sees the same batches. Runs that the stacked
-    engine supports (plain and batch-norm MLPs with SGD, no probes) train together as one
+    engine supports (plain, batch-norm and ghost-BN MLPs with SGD, no probes) train together as one
     model; the rest train one by one. ``callbacks()`` makes fresh probes for each run (and
     forces sequential runs).
     """

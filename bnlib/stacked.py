@@ -42,11 +42,16 @@ the global generator stood after the member's network was built (as in ``fit``, 
 ``fit``'s order: so the masks, too, equal the sequential run's (on the CPU; on a GPU ``fit``
 draws them from the GPU's generator, so dropout runs there are not stacked).
 
-Supported (:func:`supports`): :class:`~bnlib.models.MLPSpec` with ``norm`` "none" or
-"batch", either placement, activations relu/tanh/sigmoid/gelu/identity, residual blocks, any
+Ghost batch norm (``norm="ghost"``) cuts each member's batch into ``B // ghost_size``
+consecutive virtual batches of equal size, normalises each on its own with the member's γ and
+β, and moves the running statistics through the virtual batches in turn, as
+:class:`bnlib.nn.GhostBatchNorm` does with ``running_stats="each"``.
+
+Supported (:func:`supports`): :class:`~bnlib.models.MLPSpec` with ``norm`` "none", "batch"
+or "ghost" (when the batch splits into equal virtual batches), either placement, activations relu/tanh/sigmoid/gelu/identity, residual blocks, any
 depth and width, dropout (on the CPU); optimizer ``"sgd"``; classification or regression data.
 Not supported, so the caller falls back to sequential :func:`bnlib.train.fit`: CNNs, Adam,
-layer/group/ghost norm, callbacks and probes, custom samplers.
+layer and group norm, callbacks and probes, custom samplers.
 """
 from __future__ import annotations
 
@@ -84,9 +89,17 @@ class Member:
 
 def supports(model: object, spec: TrainSpec) -> bool:
     """Whether :func:`fit_many` can train ``model`` with ``spec`` (else use ``fit``)."""
-    return (type(model) is MLPSpec and model.norm in ("none", "batch")
+    return (type(model) is MLPSpec and model.norm in ("none", "batch", "ghost")
             and model.activation in _ACTIVATIONS and spec.optimizer == "sgd"
-            and (not model.dropout or resolve_device(spec.device).type == "cpu"))
+            and (not model.dropout or resolve_device(spec.device).type == "cpu")
+            and (model.norm != "ghost" or _ghost_chunks(spec.batch_size, model.ghost_size) > 0))
+
+
+def _ghost_chunks(batch: int, ghost_size: int) -> int:
+    """How many equal virtual batches ghost batch norm cuts a batch into (0: unequal ones,
+    which the stacked engine does not do)."""
+    k = max(batch // ghost_size, 1) if ghost_size >= 1 else 0
+    return k if k and batch % k == 0 else 0
 
 
 class _StackedBatchNorm(torch.autograd.Function):
@@ -128,7 +141,8 @@ class _Stack:
         self.drop_blocks = bool(model.dropout) and model.dropout_at == "blocks"
         self.gens = list(gens)  # one generator per member, for its dropout masks
         self.before = model.placement == "before"
-        self.bn = model.norm == "batch"
+        self.bn = model.norm in ("batch", "ghost")
+        self.ghost = model.ghost_size if model.norm == "ghost" else 0
         first = nets[0]
         self.residual = [b.residual for b in first.blocks]
         self.eps = first.blocks[0].norm.eps if self.bn else 0.0
@@ -209,6 +223,19 @@ class _Stack:
         if not self.bn:
             return h
         gamma, beta, rm, rv = self.gamma[i], self.beta[i], self.rm[i], self.rv[i]
+        if train and self.ghost:  # k virtual batches side by side: (M, B, C) -> (M·k, B/k, C)
+            M, B, C = h.shape
+            k = _ghost_chunks(B, self.ghost)
+            out, mean, var = _StackedBatchNorm.apply(
+                h.reshape(M * k, B // k, C), gamma.repeat_interleave(k, 0),
+                beta.repeat_interleave(k, 0), self.eps)
+            n, m = B // k, self.bn_momentum
+            with torch.no_grad():  # the running statistics see the virtual batches in turn
+                mean, var = mean.view(M, k, 1, C), var.view(M, k, 1, C)
+                for i in range(k):
+                    rm.mul_(1 - m).add_(mean[:, i], alpha=m)
+                    rv.mul_(1 - m).add_(var[:, i], alpha=m * n / (n - 1))
+            return out.view(M, B, C)
         if train:
             out, mean, var = _StackedBatchNorm.apply(h, gamma, beta, self.eps)
             n = h.shape[1]
@@ -316,6 +343,10 @@ def fit_many(model: MLPSpec, spec: TrainSpec, data: Dataset | str, members: Sequ
     bsz, steps = spec.batch_size, int(spec.steps)
     if bsz < 2:
         raise ValueError(f"batch_size must be at least 2 (batch norm needs two examples), got {bsz}")
+    if model.norm == "ghost" and not _ghost_chunks(min(bsz, n), model.ghost_size):
+        raise ValueError(f"fit_many cannot stack ghost batch norm that cuts a batch of "
+                         f"{min(bsz, n)} into unequal virtual batches of ~{model.ghost_size}; "
+                         "use bnlib.train.fit")
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     for s in spec.eval_splits:

@@ -7,9 +7,9 @@ from torch import nn
 
 from bnlib import experiments
 from bnlib.config import override
-from bnlib.nn import GhostBatchNorm1d, use_ghost_batchnorm
+from bnlib.nn import GhostBatchNorm, GhostBatchNorm1d, use_ghost_batchnorm
 from bnlib.experiments.generalization import (ControlsConfig, GeneralizationConfig,
-                                              GhostMLPSpec, final_wide, generalization,
+                                              final_wide, generalization,
                                               generalization_controls, matched_gap)
 from bnlib.models import MLPSpec, mlp
 from bnlib.nn import BatchNorm1d
@@ -53,38 +53,14 @@ def test_ghost_bn_errors_and_spec():
         use_ghost_batchnorm(nn.Linear(3, 3))
     from bnlib import data
     ds = data.load("wine")
-    ghost = GhostMLPSpec(depth=2, width=8, virtual_batch=4).build(0, ds)
+    ghost = MLPSpec(depth=2, width=8, norm="ghost", ghost_size=4).build(0, ds)  # the ghost arm
     plain = MLPSpec(depth=2, width=8, norm="batch").build(0, ds)
-    assert all(isinstance(b.norm, GhostBatchNorm1d) for b in ghost.blocks)
+    assert all(isinstance(b.norm, GhostBatchNorm) and b.norm.virtual_batch_size == 4
+               and b.norm.running_stats == "each" for b in ghost.blocks)
     torch.testing.assert_close(ghost.blocks[0].layer.weight, plain.blocks[0].layer.weight)
-    assert not isinstance(GhostMLPSpec(), MLPSpec)  # never trained as plain BN by a stacked engine
     net = mlp(6, 3, depth=2, width=8, norm="batch")
     use_ghost_batchnorm(net, 4)
     assert net(torch.randn(16, 6)).shape == (16, 3)
-
-
-def test_stacked_ghost_bn_matches_ghost_bn():
-    from bnlib.experiments.generalization import _StackedGhostBatchNorm1d
-    torch.manual_seed(2)
-    ref = GhostBatchNorm1d(5, virtual_batch_size=8)
-    with torch.no_grad():
-        ref.weight.uniform_(0.5, 1.5), ref.bias.normal_()
-    fast = GhostBatchNorm1d(5, virtual_batch_size=8)
-    fast.load_state_dict(ref.state_dict())
-    fast.__class__ = _StackedGhostBatchNorm1d
-    for _ in range(2):
-        xa = (torch.randn(64, 5) * 3 + 1).requires_grad_()
-        xb = xa.detach().clone().requires_grad_()
-        ya, yb = ref(xa), fast(xb)
-        torch.testing.assert_close(ya, yb)
-        g = torch.randn(64, 5)
-        ya.backward(g), yb.backward(g)
-        torch.testing.assert_close(xa.grad, xb.grad)
-    torch.testing.assert_close(ref.weight.grad, fast.weight.grad)
-    torch.testing.assert_close(ref.running_var, fast.running_var)
-    torch.testing.assert_close(ref.running_mean, fast.running_mean)
-    assert int(ref.num_batches_tracked) == int(fast.num_batches_tracked) == 16
-    assert fast(torch.randn(30, 5)).shape == (30, 5)  # ragged: falls back to the chunk loop
 
 
 def test_generalization_tiny_final_wide_and_matched_gap():

@@ -62,6 +62,10 @@ MODELS = {
     "bn-dropout": MLPSpec(depth=3, width=24, norm="batch", dropout=0.3),
     "residual-dropout-head": MLPSpec(depth=3, width=24, residual=True, dropout=0.2,
                                      dropout_at="head"),
+    # ghost batch norm: batches of 32 cut into 4 virtual batches of 8 (of 16 after the residual)
+    "ghost": MLPSpec(depth=3, width=24, norm="ghost", ghost_size=8),
+    "ghost-after-residual": MLPSpec(depth=3, width=24, norm="ghost", ghost_size=16,
+                                    placement="after", residual=True),
     "sigmoid-bn-after": MLPSpec(depth=2, width=16, norm="batch", placement="after",
                                 activation="sigmoid"),
 }
@@ -159,6 +163,7 @@ def test_fit_grid(digits32):
     (CNNSpec(), SPEC),
     (MLPSpec(norm="layer"), SPEC),
     (MLPSpec(norm="group"), SPEC),
+    (MLPSpec(norm="ghost", ghost_size=10), SPEC),  # 32 examples: unequal virtual batches
     (MLPSpec(), dataclasses.replace(SPEC, optimizer="adam")),
 ])
 def test_unsupported(model, spec, digits32):

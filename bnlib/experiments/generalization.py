@@ -13,83 +13,28 @@ Two experiments on the protocol (:mod:`bnlib.protocol`):
   (no sampling noise at all, and no gradient noise either) and ghost BN (statistics over
   virtual batches of 8: more normalisation noise, same batches and learning rate as BN).
 
-:class:`GhostBatchNorm1d` (ghost batch normalisation, Hoffer et al. 2017) is built on
-:func:`bnlib.functional.batch_norm`; :class:`GhostMLPSpec` is the model spec that uses it.
+Ghost batch normalisation (Hoffer et al. 2017) is ``MLPSpec(norm="ghost", ghost_size=...)``:
+:class:`bnlib.nn.GhostBatchNorm`, which the stacked engine trains like every other arm here.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor, nn
 
 from .. import analysis
-from .. import functional as F
 from ..config import override
-from ..models import CNNSpec, MLPSpec, mlp
-from ..nn import GhostBatchNorm1d, use_ghost_batchnorm
+from ..models import CNNSpec, MLPSpec
 from ..protocol import Protocol, Tuning, column, load_data, rows, runs
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["GhostMLPSpec", "GeneralizationConfig",
+__all__ = ["GeneralizationConfig",
            "generalization", "ControlsConfig", "generalization_controls", "final_wide",
            "matched_gap", "plot_generalization", "plot_controls", "rows"]
-
-
-class _StackedGhostBatchNorm1d(GhostBatchNorm1d):
-    """:class:`GhostBatchNorm1d` in one call of :func:`bnlib.functional.batch_norm` (the
-    virtual batches side by side as extra channels) instead of one call per virtual batch:
-    ~4x faster in this chapter's runs. Same outputs, gradients and running statistics (to
-    float rounding; ``tests/test_exp_generalization.py``); anything else falls back to it."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        n, c = len(input), self.num_features
-        k = max(n // self.virtual_batch_size, 1)
-        if (not self.training or input.dim() != 2 or n % k or n < 2 or self.momentum is None
-                or self.running_mean is None or self.weight is None):
-            return super().forward(input)
-        x = input.view(k, n // k, c).transpose(0, 1).reshape(n // k, k * c)
-        m = self.momentum
-        rm, rv = self.running_mean.repeat(k), self.running_var.repeat(k)
-        out = F.batch_norm(x, rm, rv, self.weight.repeat(k), self.bias.repeat(k), True, m,
-                           self.eps)
-        with torch.no_grad():  # virtual batch i moved its copy to (1 - m)·r + m·s_i; chain them
-            decay = (1 - m) ** torch.arange(k - 1, -1, -1, dtype=rm.dtype, device=rm.device)
-            for buf, upd in ((self.running_mean, rm), (self.running_var, rv)):
-                steps = upd.view(k, c) - (1 - m) * buf
-                buf.mul_((1 - m) ** k).add_((decay[:, None] * steps).sum(0))
-            self.num_batches_tracked.add_(k)
-        return out.view(n // k, k, c).transpose(0, 1).reshape(n, c)
-
-
-@dataclass(frozen=True)
-class GhostMLPSpec:
-    """A BN MLP whose batch norms are :class:`GhostBatchNorm1d` over ``virtual_batch`` examples
-    (a separate spec, not an :class:`MLPSpec`, so no engine mistakes it for plain BN)."""
-
-    kind: ClassVar[str] = "ghost mlp"
-    depth: int = 2
-    width: int = 128
-    virtual_batch: int = 8
-
-    def inputs(self, data):
-        """The data as the network reads it (flat vectors)."""
-        return data
-
-    def build(self, seed: int, data) -> nn.Module:
-        """The network for ``data``, initialised right after ``torch.manual_seed(seed)``: the
-        same initial weights as ``MLPSpec(depth, width, norm="batch")`` with that seed."""
-        torch.manual_seed(seed)
-        net = mlp(data.num_features, data.num_classes, depth=self.depth, width=self.width, norm="batch")
-        for m in use_ghost_batchnorm(net, self.virtual_batch).modules():
-            if type(m) is GhostBatchNorm1d:
-                m.__class__ = _StackedGhostBatchNorm1d
-        return net
 
 
 # --- reading results ---------------------------------------------------------------------
@@ -203,7 +148,7 @@ def _control_arms() -> dict[str, dict[str, Any]]:
     return {"plain": {"model.norm": "none"}, "BN": {"model.norm": "batch"},
             "BN, full batch": {"model.norm": "batch", "train.batch_size": 0},  # 0: the whole split
             "dropout": {"model.norm": "none"}, "BN + dropout": {"model.norm": "batch"},
-            "ghost BN": {"model": GhostMLPSpec()}}
+            "ghost BN": {"model.norm": "ghost"}}
 
 
 @dataclass(frozen=True)
@@ -212,8 +157,8 @@ class ControlsConfig(Protocol):
 
     datasets: tuple[str, ...] = ("digits", "mnist1d")  # digits as before; MNIST-1D is far from its ceiling
     n_train: int | None = 300  # little data: room for a regulariser to matter
-    # every arm but ghost BN trains stacked (bnlib.stacked, dropout included)
-    model: MLPSpec | CNNSpec | GhostMLPSpec = MLPSpec(depth=2, width=128)
+    # every arm trains stacked (bnlib.stacked: dropout and ghost BN included)
+    model: MLPSpec | CNNSpec = MLPSpec(depth=2, width=128)
     train: TrainSpec = TrainSpec(momentum=0.9, steps=200, batch_size=64, eval_every=200,
                                  eval_splits=("train", "test"))
     arms: dict[str, dict[str, Any]] = field(default_factory=_control_arms)
@@ -268,7 +213,7 @@ def generalization_controls(cfg: ControlsConfig) -> pd.DataFrame:
         if "BN, full batch" in arms:
             arms["BN, full batch"]["train.batch_size"] = n
         if "ghost BN" in arms:
-            arms["ghost BN"] = {"model": GhostMLPSpec(cfg.model.depth, cfg.model.width, cfg.ghost_batch)}
+            arms["ghost BN"] = {"model.norm": "ghost", "model.ghost_size": cfg.ghost_batch}
         dcfg = dataclasses.replace(override(cfg, {"data": name}), arms=arms)
         lr_arms = [a for a in ("plain", "BN", "BN, full batch") if a in arms]
         base = _tuned(dcfg, arms=lr_arms)
