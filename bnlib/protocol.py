@@ -228,27 +228,33 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
     return df.assign(kind="history")
 
 
-def choose(cfg: Protocol, *, arms: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def choose(cfg: Protocol, *, arms: Sequence[str] | None = None,
+           overrides: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Tune ``cfg.tuning.param`` per arm on the validation split with the tuning seeds:
     the tuning runs (``kind == "tuning"``, with the grid column) and each arm's choice
     (:func:`bnlib.analysis.tune`, which raises :class:`bnlib.analysis.GridEdgeError` when a
-    choice lies at the edge of the grid and the config does not allow it)."""
+    choice lies at the edge of the grid and the config does not allow it). ``overrides``
+    (dotted keys) apply to the tuning runs only, e.g. to evaluate just what the objective
+    reads: ``{"train.eval_splits": ("val",)}``."""
     from . import analysis
     t = cfg.tuning
-    sweep = runs(cfg, seeds=t.seeds, grid={t.param: t.grid}, arms=arms).assign(kind="tuning")
+    sweep = runs(override(cfg, overrides) if overrides else cfg, seeds=t.seeds,
+                 grid={t.param: t.grid}, arms=arms).assign(kind="tuning")
     choice = analysis.tune(sweep, param=column(t.param), metric=t.metric, objective=t.objective,
                            target=t.target, by=("arm",), allow_edge=t.allow_edge,
                            seeds=t.seeds, report_seeds=cfg.seeds)
     return sweep, choice
 
 
-def tuned(cfg: Protocol, *, arms: Sequence[str] | None = None) -> pd.DataFrame:
+def tuned(cfg: Protocol, *, arms: Sequence[str] | None = None,
+          tuning_overrides: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """:func:`choose` each arm's value, then train the reported seeds at it: the tuning runs
     (``kind == "tuning"``, with the grid column) and the reported runs (``kind ==
-    "history"``, with the chosen value in the same column)."""
+    "history"``, with the chosen value in the same column). ``tuning_overrides`` apply to
+    the tuning runs only (:func:`choose`)."""
     t = cfg.tuning
     col = column(t.param)
-    sweep, choice = choose(cfg, arms=arms)
+    sweep, choice = choose(cfg, arms=arms, overrides=tuning_overrides)
     frames = [sweep]
     for arm, value in zip(choice["arm"], choice[col]):
         rep = runs(override(cfg, {t.param: value}), arms=[arm])

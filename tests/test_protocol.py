@@ -262,3 +262,14 @@ def test_tuned_tunes_on_disjoint_seeds_then_reports():
         tuned(override(cfg, {"tuning.grid": (0.001, 0.003)}))
     with pytest.raises(ValueError, match="overlap"):
         tuned(override(cfg, {"tuning.seeds": (0, 7)}))
+
+
+def test_tuning_overrides_reach_the_tuning_runs_only():
+    cfg = override(TINY, {"tuning.grid": (0.01, 0.1, 10.0), "tuning.seeds": (7, 8), "seeds": (0, 1),
+                          "train.eval_splits": ("val", "test")})
+    plain = tuned(cfg)
+    quiet = tuned(cfg, tuning_overrides={"train.eval_splits": ("val",)})
+    assert set(rows(quiet, "tuning")["split"]) == {"batch", "val"}
+    rep, rep0 = rows(quiet, "history"), rows(plain, "history")
+    assert set(rep["split"]) == set(rep0["split"]) == {"batch", "val", "test"}  # as configured
+    assert rep.groupby("arm")["lr"].first().equals(rep0.groupby("arm")["lr"].first())

@@ -28,7 +28,7 @@ import pandas as pd
 from .. import analysis
 from ..config import override
 from ..models import CNNSpec, MLPSpec
-from ..protocol import Protocol, Tuning, column, load_data, rows, runs
+from ..protocol import Protocol, Tuning, load_data, rows, runs, tuned
 from ..train import TrainSpec
 from . import register
 
@@ -77,16 +77,10 @@ def matched_gap(df: pd.DataFrame, target: float, *, keys: Sequence[str] = ("data
 
 
 def _tuned(cfg: Protocol, arms: Sequence[str] | None = None) -> pd.DataFrame:
-    """:func:`bnlib.protocol.tuned`, except that the tuning runs evaluate only what the
-    "final" objective reads: the validation split, at the end of training."""
-    t, col = cfg.tuning, column(cfg.tuning.param)
-    quiet = override(cfg, {"train.eval_splits": ("val",), "train.eval_every": cfg.train.steps})
-    tuning = runs(quiet, seeds=t.seeds, grid={t.param: t.grid}, arms=arms).assign(kind="tuning")
-    choice = analysis.tune(tuning, param=col, metric=t.metric, objective=t.objective,
-                           target=t.target, allow_edge=t.allow_edge, seeds=t.seeds,
-                           report_seeds=cfg.seeds)
-    return pd.concat([tuning, *(runs(override(cfg, {t.param: v}), arms=[a]).assign(**{col: v})
-                                for a, v in zip(choice["arm"], choice[col]))], ignore_index=True)
+    """:func:`bnlib.protocol.tuned` whose tuning runs evaluate only what the "final"
+    objective reads: the validation split, at the end of training."""
+    return tuned(cfg, arms=arms, tuning_overrides={"train.eval_splits": ("val",),
+                                                   "train.eval_every": cfg.train.steps})
 
 
 # --- experiment 1: plain vs BN across data sets ---------------------------------------------

@@ -22,30 +22,15 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .. import analysis
 from ..config import override
 from ..models import MLPSpec
 from ..probes import PercentileTracker
-from ..protocol import Protocol, Tuning, arm_config, column, load_data, rows, runs
+from ..protocol import Protocol, Tuning, arm_config, load_data, rows, runs, tuned
 from ..timing import step_phases, time_interleaved
 from ..train import TrainSpec, fit, resolve_device
 from . import register
 
 __all__ = ["SpeedConfig", "IoffeConfig", "speed", "ioffe_mnist", "step_timing"]
-
-
-def _tuned(cfg: Protocol, sweep: dict, arms: list[str] | None = None) -> pd.DataFrame:
-    """:func:`bnlib.protocol.tuned` with the overrides ``sweep`` applied to the tuning runs
-    only: they evaluate just what the tuning objective reads (the validation split), the
-    reported runs just what the chapter reads (the test split)."""
-    t, col = cfg.tuning, column(cfg.tuning.param)
-    tuning = runs(override(cfg, sweep), seeds=t.seeds, grid={t.param: t.grid},
-                  arms=arms).assign(kind="tuning")
-    choice = analysis.tune(tuning, param=col, metric=t.metric, objective=t.objective,
-                           target=t.target, allow_edge=t.allow_edge, seeds=t.seeds,
-                           report_seeds=cfg.seeds)
-    return pd.concat([tuning, *(runs(override(cfg, {t.param: v}), arms=[a]).assign(**{col: v})
-                                for a, v in zip(choice["arm"], choice[col]))], ignore_index=True)
 
 
 # --- steps and seconds to a target ------------------------------------------------------
@@ -111,7 +96,7 @@ def speed(cfg: SpeedConfig) -> pd.DataFrame:
     """
     if not {"plain", "BN"} <= set(cfg.arms):
         raise ValueError(f"speed needs arms 'plain' and 'BN', got {list(cfg.arms)}")
-    df = _tuned(cfg, {"train.eval_splits": ("val",)})
+    df = tuned(cfg, tuning_overrides={"train.eval_splits": ("val",)})
     plain_lr = float(rows(df, "history").query("arm == 'plain'")["lr"].iloc[0])
     equal = runs(override(cfg, {"train.lr": plain_lr}), arms=["BN"])
     timing = step_timing(cfg, repeats=cfg.timing_repeats, number=cfg.timing_number)
@@ -190,7 +175,7 @@ def ioffe_mnist(cfg: IoffeConfig) -> pd.DataFrame:
     for std in cfg.init_stds:
         c = override(cfg, {"model.init_std": std})
         # tuning runs: the "final" objective reads the validation split at the end only
-        df = _tuned(c, {"train.eval_splits": ("val",), "train.eval_every": cfg.train.steps})
+        df = tuned(c, tuning_overrides={"train.eval_splits": ("val",), "train.eval_every": cfg.train.steps})
         frames.append(df.assign(init_std=std))
         for arm, lr in rows(df, "history").groupby("arm")["lr"].first().items():
             # the probe (a callback) needs runs of its own; they evaluate nothing else
