@@ -6,7 +6,7 @@ key number so the landing page's scorecard shows what the executed chapter measu
 """
 from __future__ import annotations
 
-__all__ = ["setup", "verdict", "glue", "Verdict", "VERDICTS"]
+__all__ = ["setup", "verdict", "glue", "points", "Verdict", "VERDICTS"]
 
 VERDICTS = ("true", "partly true", "contested", "misleading", "false", "depends", "inconclusive")
 
@@ -68,6 +68,16 @@ def glue(key: str, value, display: bool = False) -> None:
     except ImportError:  # running in a plain Jupyter/Colab without myst-nb
         return
     _glue(key, value, display=display)
+
+
+def points(result) -> str:
+    """A paired difference of accuracies in percentage points with its 95% CI, for the prose:
+    ``"+1.2 points (95% CI +0.3 to +2.1; better)"`` for a :class:`bnlib.analysis.Comparison`
+    (its verdict word last), without the word for a :class:`bnlib.analysis.Diff`."""
+    d = getattr(result, "diff", result)
+    text = f"{100 * d.mean:+.1f} points (95% CI {100 * d.ci_low:+.1f} to {100 * d.ci_high:+.1f}"
+    word = getattr(result, "verdict", None)
+    return text + (f"; {word})" if word else ")")
 
 
 def verdict(claim: str, word: str, key_number: str) -> Verdict:

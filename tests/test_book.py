@@ -27,3 +27,16 @@ def test_verdict_accepts_finite_key_numbers(key):
 def test_verdict_word_is_checked():
     with pytest.raises(ValueError, match="verdict must start with"):
         verdict("K1", "probably", "1.0")
+
+
+def test_points_formats_a_comparison_and_a_difference():
+    from bnlib import analysis
+    from bnlib.book import points
+    x = [0.90, 0.92, 0.91, 0.93, 0.95, 0.90, 0.94, 0.92]
+    y = [0.88, 0.90, 0.90, 0.90, 0.93, 0.89, 0.91, 0.90]
+    d = analysis.paired_difference(x, y)
+    assert points(d) == (f"{100 * d.mean:+.1f} points (95% CI {100 * d.ci_low:+.1f} to "
+                         f"{100 * d.ci_high:+.1f})")
+    c = analysis.compare(x, y, margin=0.005)
+    assert points(c) == points(c.diff)[:-1] + f"; {c.verdict})"
+    assert points(d).startswith("+2.0 points (95% CI +")  # mean of the differences: 0.02
