@@ -26,7 +26,7 @@ from scipy import stats
 
 __all__ = ["HISTORY_COLUMNS", "MIN_EQUIVALENCE_SEEDS", "GridEdgeError", "run_keys", "final",
            "censored_times", "time_to_target", "survival_summary", "TimeRatio", "time_ratio", "pairs", "Diff",
-           "paired_difference", "Equivalence", "equivalence", "Comparison", "compare", "holm",
+           "paired_difference", "Equivalence", "equivalence", "Comparison", "compare", "compare_arms", "holm",
            "compare_family", "tune", "select"]
 
 HISTORY_COLUMNS = ("step", "split", "loss", "accuracy", "elapsed", "diverged")
@@ -416,6 +416,15 @@ def compare(x: Iterable[float], y: Iterable[float], *, margin: float, alpha: flo
               else math.nan)
     word, why = _verdict(diff, diff.p, p_tost, alpha, higher_is_better, margin)
     return Comparison(word, diff, margin, alpha, diff.p, p_tost, why, name)
+
+
+def compare_arms(df: pd.DataFrame, value: str, a: str, b: str, *, margin: float,
+                 higher_is_better: bool = True, name: str = "", arm: str = "arm",
+                 pair_on: Sequence[str] = ("seed",), alpha: float = 0.05) -> Comparison:
+    """:func:`compare` of arm ``a`` against arm ``b`` on the column ``value`` of a tidy table,
+    paired on ``pair_on`` (:func:`pairs`): the one-line verdict a chapter asks for."""
+    x, y = pairs(df, value, a, b, arm=arm, pair_on=pair_on)
+    return compare(x, y, margin=margin, alpha=alpha, higher_is_better=higher_is_better, name=name)
 
 
 def holm(pvalues: Sequence[float], alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:

@@ -220,6 +220,23 @@ def test_compare_verdicts():
     assert "equivalent" in eq.describe() and "n = 8" in eq.describe()
 
 
+def test_compare_arms_pairs_a_tidy_table_by_seed():
+    y = np.full(8, 0.8)
+    up = y + 0.05 + D8
+    seeds = np.arange(8)
+    # rows shuffled: the verdict must come from seed-aligned pairs, not row order
+    df = pd.DataFrame({"arm": ["BN"] * 8 + ["plain"] * 8, "seed": np.r_[seeds[::-1], seeds],
+                       "acc": np.r_[up[::-1], y]})
+    got = A.compare_arms(df, "acc", "BN", "plain", margin=0.01, name="BN − plain")
+    ref = A.compare(up, y, margin=0.01, name="BN − plain")
+    assert got.verdict == ref.verdict == "better"
+    assert got.diff.mean == pytest.approx(0.05 + D8.mean()) and got.p == pytest.approx(ref.p)
+    worse = A.compare_arms(df, "acc", "BN", "plain", margin=0.01, higher_is_better=False)
+    assert worse.verdict == "worse"
+    with pytest.raises(ValueError, match="not paired"):
+        A.compare_arms(df[df["seed"] != 3].iloc[1:], "acc", "BN", "plain", margin=0.01)
+
+
 def test_holm_by_hand():
     p = [0.01, 0.04, 0.03, 0.005]
     # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → running max

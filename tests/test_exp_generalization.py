@@ -94,4 +94,5 @@ def test_controls_tiny():
 def test_registered():
     assert {"generalization", "generalization_controls"} <= set(experiments.names())
     assert experiments.get("generalization").chapter == "05_generalization"
+    assert experiments.get("generalization_controls").chapter == "05b_dropout_and_noise"
     GeneralizationConfig.full(), ControlsConfig.full()

@@ -1,4 +1,5 @@
-"""Chapter 5: does batch norm generalize better (T2, I3, I4, I8, B3, K1's second half)?
+"""Chapter 5: does batch norm generalize better (T2, I3, I4, I8, K1's second half)? And its
+second page (``05b_dropout_and_noise``): does it replace dropout (B3)?
 
 Two experiments on the protocol (:mod:`bnlib.protocol`):
 
@@ -186,7 +187,7 @@ def plot_controls(df: pd.DataFrame):
 
 @register("generalization_controls", ControlsConfig,
           title="Small data: BN × dropout, full-batch BN and ghost BN",
-          chapter="05_generalization", plot=plot_controls)
+          chapter="05b_dropout_and_noise", plot=plot_controls)
 def generalization_controls(cfg: ControlsConfig) -> pd.DataFrame:
     """Per data set: the learning rate tuned for ``plain``, ``BN`` and ``BN, full batch``;
     ``dropout`` and ``BN + dropout`` at their base arm's learning rate with the dropout rate
