@@ -197,33 +197,34 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
     from .distributed import launched
     engine = _stacked() if stacked and callbacks is None and not launched() else None
     frames = []
+    per_member = ("train.lr", "model.dropout")  # what one stack can vary between its runs
     for arm in names:
         acfg = arm_config(cfg, arm)
         by_rest: dict[str, list[dict]] = {}
-        for point in points:  # group points that differ only in the learning rate
-            rest = {k: v for k, v in point.items() if k != "train.lr"}
+        for point in points:  # group points that differ only in what a stack can vary
+            rest = {k: v for k, v in point.items() if k not in per_member}
             by_rest.setdefault(repr(sorted(rest.items())), []).append(point)
         for group in by_rest.values():
-            base = override(acfg, {k: v for k, v in group[0].items() if k != "train.lr"})
+            base = override(acfg, {k: v for k, v in group[0].items() if k not in per_member})
             data = load_data(base)
             spec = train_spec(base)
-            lrs = [p.get("train.lr", spec.lr) for p in group]
-            extra = {column(k): v for k, v in group[0].items() if k != "train.lr"}
-            if engine is not None and engine.supports(base.model, spec):
-                members = [engine.Member(seed=s, lr=lr) for s in seeds for lr in lrs]
+            models = [override(base, {k: v for k, v in p.items() if k == "model.dropout"}).model
+                      for p in group]
+            cells = [(s, p, m) for s in seeds for p, m in zip(group, models)]
+            rows = lambda p: {column(k): v for k, v in p.items()}  # noqa: E731 (grid columns)
+            if engine is not None and all(engine.supports(m, spec) for m in models):
+                members = [engine.Member(seed=s, lr=p.get("train.lr", spec.lr),
+                                         dropout=m.dropout) for s, p, m in cells]
                 histories = engine.fit_many(base.model, spec, data, members)
-                for m, h in zip(members, histories):
+                for (s, p, _), h in zip(cells, histories):
                     h.attrs = {}
-                    frames.append(h.assign(arm=arm, seed=m.seed, **extra,
-                                           **({"lr": m.lr} if "train.lr" in grid else {})))
+                    frames.append(h.assign(arm=arm, seed=s, **rows(p)))
                 continue
-            cells = [(s, lr) for s in seeds for lr in lrs]
-            for s, lr in progress.bar(cells, total=len(cells), desc=arm):
-                h = fit(base.model, dataclasses.replace(spec, lr=lr), data, s,
+            for s, p, m in progress.bar(cells, total=len(cells), desc=arm):
+                h = fit(m, dataclasses.replace(spec, lr=p.get("train.lr", spec.lr)), data, s,
                         callbacks=callbacks() if callbacks else ())
                 h.attrs = {}
-                frames.append(h.assign(arm=arm, seed=s, **extra,
-                                       **({"lr": lr} if "train.lr" in grid else {})))
+                frames.append(h.assign(arm=arm, seed=s, **rows(p)))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return df.assign(kind="history")
 

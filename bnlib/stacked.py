@@ -55,6 +55,7 @@ layer and group norm, callbacks and probes, custom samplers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -79,12 +80,14 @@ _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid
 @dataclass(frozen=True)
 class Member:
     """One run in a stack: its ``seed`` (initialisation and batch order) and, optionally,
-    its own ``lr``, ``momentum`` and ``weight_decay`` (``None``: the TrainSpec's)."""
+    its own ``lr``, ``momentum`` and ``weight_decay`` (``None``: the TrainSpec's) and its own
+    ``dropout`` rate (``None``: the model spec's), so that a dropout-rate sweep stacks too."""
 
     seed: int
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float | None = None
+    dropout: float | None = None
 
 
 def supports(model: object, spec: TrainSpec) -> bool:
@@ -134,11 +137,13 @@ class _Stack:
     """The stacked network's state: parameters, running statistics, momentum buffers."""
 
     def __init__(self, model: MLPSpec, nets: Sequence[Net], dtype: torch.dtype,
-                 device: torch.device, gens: Sequence[torch.Generator] = ()) -> None:
+                 device: torch.device, gens: Sequence[torch.Generator] = (),
+                 dropout: Sequence[float] = ()) -> None:
         self.act = _ACTIVATIONS[model.activation]
-        # dropout: on the input of hidden layers 1.. ("blocks") and of the head (always)
-        self.p = float(model.dropout)
-        self.drop_blocks = bool(model.dropout) and model.dropout_at == "blocks"
+        # dropout: on the input of hidden layers 1.. ("blocks") and of the head (always),
+        # each member at its own rate (0: no mask and no draw, as in fit)
+        self.p = [float(p) for p in dropout] or [float(model.dropout)] * len(nets)
+        self.drop_blocks = any(self.p) and model.dropout_at == "blocks"
         self.gens = list(gens)  # one generator per member, for its dropout masks
         self.before = model.placement == "before"
         self.bn = model.norm in ("batch", "ghost")
@@ -190,22 +195,25 @@ class _Stack:
         self.rm = [t[idx] for t in self.rm]
         self.rv = [t[idx] for t in self.rv]
         self.gens = [self.gens[i] for i in idx.tolist()] if self.gens else []
+        self.p = [self.p[i] for i in idx.tolist()]
         if self.bufs is not None:
             self.bufs = [t[idx] for t in self.bufs]
 
     def _dropout(self, x: Tensor) -> Tensor:
         """``x`` ``(M, B, F)`` times each member's mask, drawn as ``F.dropout`` draws it on
-        the CPU (Bernoulli(1 − p) noise, divided by 1 − p) from the member's generator."""
-        keep = 1.0 - self.p
-        noise = torch.stack([torch.empty(x.shape[1:], dtype=x.dtype).bernoulli_(keep, generator=g)
-                             for g in self.gens]).div_(keep)
+        the CPU (Bernoulli(1 − p) noise, divided by 1 − p) from the member's generator; a
+        member at rate 0 keeps ``x`` and draws nothing."""
+        shape = x.shape[1:]
+        noise = torch.stack([
+            torch.empty(shape, dtype=x.dtype).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
+            if p else torch.ones(shape, dtype=x.dtype) for p, g in zip(self.p, self.gens)])
         return x * noise.to(x.device)
 
     def forward(self, x: Tensor, train: bool) -> Tensor:
         """``x``: ``(M, B, F)`` in training, ``(N, F)`` (shared by every member) in eval."""
         for i, res in enumerate(self.residual):
             W, b = self.W[i], self.b[i]
-            xin = self._dropout(x) if train and self.drop_blocks and i > 0 and self.p else x
+            xin = self._dropout(x) if train and self.drop_blocks and i > 0 else x
             if xin.dim() == 2:  # one input for all members: (N, F) @ (M, F, out) broadcasts
                 h = torch.matmul(xin, W.mT) if b is None else torch.matmul(xin, W.mT).add_(b)
             else:
@@ -215,7 +223,7 @@ class _Stack:
             else:
                 h = self._norm(self.act(h), i, train)
             x = x + h if res else h
-        if train and self.p:
+        if train and any(self.p):
             x = self._dropout(x)
         return torch.baddbmm(self.b[-1], x, self.W[-1].mT)
 
@@ -332,11 +340,18 @@ def fit_many(model: MLPSpec, spec: TrainSpec, data: Dataset | str, members: Sequ
     :func:`supports` rejects.
     """
     from . import data as datasets
+    if not members:
+        raise ValueError("fit_many needs at least one member")
     if not supports(model, spec):
         raise ValueError(f"fit_many cannot stack {model!r} with {spec!r}; use bnlib.train.fit "
                          "(see bnlib.stacked.supports)")
-    if not members:
-        raise ValueError("fit_many needs at least one member")
+    rates = [model.dropout if m.dropout is None else m.dropout for m in members]
+    for p in rates:
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+    if not supports(dataclasses.replace(model, dropout=max(rates)), spec):  # dropout: CPU only
+        raise ValueError(f"fit_many cannot stack {model!r} with {spec!r}; use bnlib.train.fit "
+                         "(see bnlib.stacked.supports)")
     ds = datasets.load(data) if isinstance(data, str) else data
     ds = model.inputs(ds)
     n = len(ds.train)
@@ -365,20 +380,21 @@ def fit_many(model: MLPSpec, spec: TrainSpec, data: Dataset | str, members: Sequ
 
     with runtime.pinned_threads():
         nets, gens = [], []
-        for m in members:
-            nets.append(model.build(m.seed, ds).to(device=dev, dtype=dtype))
+        for m, p in zip(members, rates):  # each member's own network, its dropout rate included
+            nets.append(dataclasses.replace(model, dropout=p).build(m.seed, ds)
+                        .to(device=dev, dtype=dtype))
             gens.append(torch.Generator())  # the member's dropout masks go on from here,
             gens[-1].set_state(torch.get_rng_state())  # as fit's go on from the global one
-        histories = _run(model, nets, gens, ds, members, hyper, steps, bsz, eval_every,
+        histories = _run(model, nets, gens, rates, ds, members, hyper, steps, bsz, eval_every,
                          spec.eval_splits, classification, max_weight_norm, dev)
     return histories
 
 
-def _run(model, nets, gens, ds, members, hyper, steps, bsz, eval_every, eval_splits,
+def _run(model, nets, gens, rates, ds, members, hyper, steps, bsz, eval_every, eval_splits,
          classification, max_weight_norm, dev) -> list[pd.DataFrame]:
     M = len(members)
     dtype = ds.train.x.dtype
-    stack = _Stack(model, nets, dtype, dev, gens)
+    stack = _Stack(model, nets, dtype, dev, gens, rates)
     lr = torch.tensor([h[0] for h in hyper], dtype=dtype, device=dev)
     mom = torch.tensor([h[1] for h in hyper], dtype=dtype, device=dev)
     wd = torch.tensor([h[2] for h in hyper], dtype=dtype, device=dev)

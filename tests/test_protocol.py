@@ -105,6 +105,24 @@ def test_runs_arms_grid_and_seeds_are_paired():
         arm_config(TINY, "nope")
 
 
+def test_runs_stack_a_dropout_grid_like_the_sequential_runs(monkeypatch):
+    """A grid over the learning rate and the dropout rate is one stack per arm, and gives what
+    the runs one by one give; the grid columns are the same either way."""
+    from bnlib import stacked
+    calls = []
+    real = stacked.fit_many
+    monkeypatch.setattr(stacked, "fit_many", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    grid = {"train.lr": (0.05, 0.1), "model.dropout": (0.0, 0.3)}
+    together = runs(TINY, grid=grid, arms=["BN"])
+    apart = runs(TINY, grid=grid, arms=["BN"], stacked=False)
+    assert calls == [2 * 2 * 2]  # one stack: 2 lrs × 2 dropout rates × 2 seeds
+    keys = ["lr", "dropout", "seed", "step", "split"]
+    assert list(together.columns) == list(apart.columns) and {"lr", "dropout"} <= set(together)
+    a, b = (d.sort_values(keys).reset_index(drop=True) for d in (together, apart))
+    assert a[keys].equals(b[keys])
+    assert a["loss"].to_numpy() == pytest.approx(b["loss"].to_numpy(), rel=1e-4, abs=1e-6)
+
+
 def test_rows_reads_one_kind():
     df = pd.DataFrame({"kind": ["history", "timing"], "loss": [1.0, None], "seconds": [None, 2.0]})
     assert list(rows(df, "timing").columns) == ["kind", "seconds"]

@@ -94,6 +94,24 @@ def test_per_member_momentum_and_weight_decay(digits64):
         assert rows < TOL64 and params < TOL64, (m, rows, params)
 
 
+@pytest.mark.parametrize("dropout_at", ["blocks", "head"])
+def test_per_member_dropout_rate(digits64, dropout_at):
+    """A dropout-rate sweep stacks: each member at its own rate (0 included: no mask, no draw)
+    equals fit with that rate in the model spec."""
+    model = MLPSpec(depth=3, width=24, norm="batch", dropout_at=dropout_at)
+    members = [Member(0, lr=0.1, dropout=0.5), Member(0, lr=0.1, dropout=0.0),
+               Member(1, lr=0.05, dropout=0.1), Member(2, lr=0.1)]  # None: the spec's (0)
+    dfs = fit_many(model, SPEC, digits64, members)
+    for m, df in zip(members, dfs):
+        ref, net = sequential(dataclasses.replace(model, dropout=m.dropout or 0.0), SPEC, digits64, m)
+        rows, params = compare(ref, net, df)
+        assert rows < TOL64 and params < TOL64, (m, rows, params)
+    # each member's returned network is built with its own rate
+    assert {mod.p for mod in dfs[0].attrs["model"].modules() if isinstance(mod, torch.nn.Dropout)} == {0.5}
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
+        fit_many(model, SPEC, digits64, [Member(0, dropout=1.0)])
+
+
 def test_diverging_member_matches_and_leaves_others_alone(digits64):
     model = MODELS["plain"]
     calm = [Member(0, lr=0.05), Member(1, lr=0.1)]
