@@ -36,7 +36,8 @@ that changes nothing in the histories, since a diverged run's rows end at the pr
 evaluation either way. A diverged member's ``attrs["model"]`` holds its parameters from when
 it was dropped.
 
-Dropout draws each member's masks from that member's own generator, which starts where
+Dropout (each member at its own rate, ``Member.dropout``, so a dropout-rate sweep stacks
+too) draws each member's masks from that member's own generator, which starts where
 the global generator stood after the member's network was built (as in ``fit``, where
 ``torch.manual_seed(seed)`` precedes the build and the masks come next), layer by layer in
 ``fit``'s order: so the masks, too, equal the sequential run's (on the CPU; on a GPU ``fit``
