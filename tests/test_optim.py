@@ -156,6 +156,8 @@ def test_is_an_optimizer_with_torch_behaviour():
     opt.register_step_post_hook(lambda o, args, kwargs: seen.append(o))
     opt.step()
     assert seen == [opt]
+    clone = copy.deepcopy(opt)                        # pickling keeps the class and its state
+    assert isinstance(clone, SGD) and len(clone.state) == 6 and clone.param_groups[0]["lr"] == 0.1
     named = SGD(net.named_parameters(), lr=0.1)
     assert named.param_groups[0]["param_names"][0] == "0.weight"
 
@@ -204,8 +206,10 @@ def test_does_not_import_dynamo():
     ``torch._dynamo`` unimported: the point of the class."""
     code = ("import sys, torch, bnlib, bnlib.nn, bnlib.train, bnlib.optim\n"
             "assert 'torch._dynamo' not in sys.modules, 'importing bnlib imported torch._dynamo'\n"
-            "net = torch.nn.Sequential(torch.nn.Linear(4, 8), bnlib.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))\n"
-            "opt = bnlib.train.make_optimizer(net.parameters(), 'sgd', lr=0.1, momentum=0.9, weight_decay=1e-4)\n"
+            "nn = torch.nn\n"
+            "net = nn.Sequential(nn.Linear(4, 8), bnlib.nn.BatchNorm1d(8), nn.Linear(8, 2))\n"
+            "opt = bnlib.train.make_optimizer(net.parameters(), 'sgd', lr=0.1, momentum=0.9,\n"
+            "                                 weight_decay=1e-4)\n"
             "sched = torch.optim.lr_scheduler.StepLR(opt, 1)\n"
             "for _ in range(2):\n"
             "    opt.zero_grad(); net(torch.randn(8, 4)).sum().backward(); opt.step(); sched.step()\n"
