@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import progress, runtime
 from .data import Dataset, Split
+from .optim import SGD
 
 if TYPE_CHECKING:
     from .models import ModelSpec
@@ -71,11 +72,12 @@ def loss_fn(data: Dataset) -> Callable[[Tensor, Tensor], Tensor]:
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", lr: float = 0.1,
                    momentum: float = 0.0, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """``"sgd"`` (with optional heavy-ball momentum) or ``"adam"``."""
+    """``"sgd"`` (with optional heavy-ball momentum: :class:`bnlib.optim.SGD`, torch's update
+    without the seconds of importing ``torch._dynamo``) or ``"adam"`` (``torch.optim.Adam``)."""
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"learning rate must be a positive finite number, got {lr}")
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import bnlib.optim
 from bnlib import data as datasets
 from bnlib import models
 from bnlib.train import (StepInfo, batches, evaluate, make_optimizer, resolve_device, seeded,
@@ -146,7 +147,9 @@ def test_optimizers_and_callbacks(gm):
 
     train(_net(0), gm, steps=2, optimizer=factory, device="cpu")
     assert len(made) == 1
-    assert isinstance(make_optimizer(nn.Linear(2, 2).parameters(), "sgd", momentum=0.9), torch.optim.SGD)
+    sgd = make_optimizer(nn.Linear(2, 2).parameters(), "sgd", momentum=0.9)
+    assert isinstance(sgd, bnlib.optim.SGD) and isinstance(sgd, torch.optim.Optimizer)
+    assert sgd.param_groups[0]["momentum"] == 0.9
     with pytest.raises(ValueError, match="optimizer"):
         make_optimizer(nn.Linear(2, 2).parameters(), "rmsprop")
 

@@ -39,6 +39,7 @@ from ..config import override
 from ..data import Dataset, Split
 from ..models import CNNSpec, Net
 from ..norms import SkipInit, WSConv1d, WSConv2d
+from ..optim import SGD
 from ..protocol import Protocol, Tuning, load_data, runs, trained
 from ..train import TrainSpec
 from . import Config, register
@@ -251,7 +252,7 @@ def normaliser_step_time(cfg: StepTimeConfig) -> pd.DataFrame:
     steps = {}
     for norm in cfg.norms:
         net = dataclasses.replace(cfg.model, norm=norm).build(0, data).train()
-        opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+        opt = SGD(net.parameters(), lr=1e-3, momentum=0.9)
 
         def step(net=net, opt=opt) -> None:
             opt.zero_grad(set_to_none=True)
