@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401  (imported before launch() forks; the optimizer step needs it)
 
 from bnlib import experiments
 from bnlib.analysis import pairs

@@ -199,7 +199,6 @@ def real_runs_match(batch_size: int = 32, steps: int = 30, width: int = 32, n_tr
     run) pair, the largest absolute difference between their final weights
     (``max_abs_diff``) and between their running statistics (``max_abs_diff_running``, on
     rank 0 for per-device BN; ghost BN updates them per ghost batch, so there they differ)."""
-    import torch._dynamo  # noqa: F401  (the first optimiser step imports it; before the fork)
     ranks = D.launch(_real_worker, world, (batch_size, steps, width, n_train), timeout=120)
     ds = _digits64(n_train)
     single = {}
