@@ -370,6 +370,11 @@ def cost_breakdown(shape: tuple[int, ...] = (256, 512), *, repeats: int = 60,
     * ``native kernels``: ``torch.native_batch_norm`` and its backward, called directly;
     * ``bnlib arithmetic``: bnlib's forward and backward bodies (statistics, output,
       running statistics, closed-form gradients) called directly, no autograd, no module;
+    * ``bnlib data passes``: only the operations of those bodies that touch data-sized
+      tensors (centring, the two moments, the output, ``Σ dy``, ``dy · xk`` and its sum,
+      the two passes for ``dx``), with γ and β standing in for every per-channel
+      coefficient: ``bnlib arithmetic`` minus this is what the per-channel arithmetic and
+      the running statistics cost;
     * ``bnlib arithmetic, batch of 2``: the same calls on a ``(2, C, ...)`` input, where the
       data is too small to cost anything: what bnlib's sequence of tensor operations costs
       in dispatch alone.
@@ -398,10 +403,24 @@ def cost_breakdown(shape: tuple[int, ...] = (256, 512), *, repeats: int = 60,
             bf._BatchNormFunction.backward(ctx, grad)
         return run
 
+    def passes() -> None:
+        if x.dim() == 2:  # as bf._normalize_2d
+            xk = x - x[0]
+            xk.mean(0)
+            sq = xk * xk
+            sq.mean(0)
+        else:
+            xk, sq, *_ = bf._moments(x)
+        bf._affine(xk, w, b, out=sq)
+        prod = dy * xk  # as bf._backward
+        bf._channel_sum(dy), bf._channel_sum(prod)
+        bf._affine(dy, w, b, out=prod).addcmul_(xk, bf._broadcast(w, xk))
+
     fns = {"native step": _step("native", shape, "train fwd+bwd", torch.device("cpu")),
            "native kernels": kernels,
            "bnlib step": _step("bnlib", shape, "train fwd+bwd", torch.device("cpu")),
            "bnlib arithmetic": bodies(x, dy),
+           "bnlib data passes": passes,
            "bnlib arithmetic, batch of 2": bodies(small, torch.randn_like(small))}
     times = time_interleaved(fns, repeats=repeats, warmup=warmup, seed=seed)
     return pd.DataFrame([{"entry": k, "median_us": statistics.median(v) * 1e6}

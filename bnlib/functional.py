@@ -24,8 +24,12 @@ Speed: every step is a plain tensor operation, chosen to touch memory as few tim
 that allows: one centring pass, one or two reductions for the moments, one fused
 multiply-add for the output (the affine folded into ``x · scale + shift``), two
 reductions and two passes for the closed-form backward, and the running statistics in
-one fused call. ``benchmarks/bench_batchnorm.py`` measures what is left of the gap to
-torch's fused kernel.
+one fused call. The per-channel arithmetic between them (a dozen operations on ``(C,)``
+vectors) is shared by every input shape (:func:`_scale_shift`, :func:`_dx_coefficients`);
+``(N, C)`` batches, where each operation's fixed cost is of the order of its arithmetic,
+take a path written out operation by operation (:func:`_normalize_2d`,
+:func:`_backward_2d`) instead of the layout-aware helpers images need.
+``benchmarks/bench_batchnorm.py`` measures what is left of the gap to torch's fused kernel.
 """
 from __future__ import annotations
 
@@ -127,34 +131,104 @@ def _moments(x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
     else:
         sq = xk.square()
         msq = sq.mean(channel_dims(x))
-    var = torch.addcmul(msq, d, d, value=-1).clamp_(min=0)   # − d²
+    var = torch.addcmul(msq, d, d, value=-1).clamp_min_(0)   # − d²
     return xk, sq, d, var, k
+
+
+def _scale_shift(d: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    """The per-channel ``(invstd, scale, shift)`` of the training output: ``invstd = 1/σ``
+    and ``out = xk · scale + shift``, i.e. ``γ · x̂ + β`` with ``x̂ = (xk − d) · invstd``,
+    folded into one multiply-add per element: ``scale = γ/σ``, ``shift = β − d · scale``.
+    (Scaling ``xk``, not ``x``, keeps a large offset from cancelling.)"""
+    invstd = torch.add(var, eps).rsqrt_()
+    scale = invstd * weight
+    return invstd, scale, torch.addcmul(bias, d, scale, value=-1)
+
+
+def _normalize_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    """:func:`_normalize` for an ``(N, C)`` batch (an MLP's), written out operation by
+    operation: every per-channel vector broadcasts along the batch dimension as it is, so
+    none of the layout helpers is needed (their shape tests and views were a measurable
+    share of an MLP-sized step)."""
+    k = x[0]                          # K: the first example (a view, no copy)
+    xk = x - k
+    d = xk.mean(0)                    # mean(xk); the batch mean is k + d
+    sq = xk * xk                      # its memory is reused for the output
+    var = torch.addcmul(sq.mean(0), d, d, value=-1).clamp_min_(0)   # mean(xk²) − d²
+    invstd, scale, shift = _scale_shift(d, var, weight, bias, eps)
+    out = torch.addcmul(shift, xk, scale, out=sq)
+    return out, (k, d), var, (xk, d, invstd, scale)
 
 
 def _normalize(x: Tensor, weight: Tensor, bias: Tensor, eps: float):
     """The training-mode forward pass: ``(out, (k, d), var, saved)``: the batch mean is
-    ``k + d``, ``var`` the biased variance, ``saved`` what the backward pass needs."""
+    ``k + d``, ``var`` the biased variance, ``saved`` what the backward pass needs.
+    ``(N, C)`` batches take :func:`_normalize_2d`, the same arithmetic written out."""
+    if x.dim() == 2:
+        return _normalize_2d(x, weight, bias, eps)
     xk, sq, d, var, k = _moments(x)
-    invstd = torch.add(var, eps).rsqrt_()
-    # out = γ · x̂ + β with x̂ = (xk − d) · invstd, i.e. one multiply-add per element:
-    # xk · scale + (β − d · scale). Scaling xk, not x, keeps a large offset from cancelling.
-    scale = invstd * weight
-    out = _affine(xk, scale, torch.addcmul(bias, d, scale, value=-1), out=sq)
+    invstd, scale, shift = _scale_shift(d, var, weight, bias, eps)
+    out = _affine(xk, scale, shift, out=sq)
     return out, (k, d), var, (xk, d, invstd, scale)
 
 
 def _update_running(running_mean: Tensor | None, running_var: Tensor | None,
                     mean: tuple[Tensor, Tensor], var: Tensor, n: int, momentum: float) -> None:
     """``running ← (1 − momentum) · running + momentum · batch``, in place, with the batch
-    mean ``k + d`` and the unbiased batch variance; both buffers in one fused call."""
+    mean ``k + d`` and the unbiased batch variance; both buffers in one fused call.
+
+    Called where autograd records nothing (inside :class:`_BatchNormFunction`'s forward,
+    or on :func:`batch_norm`'s path where nothing requires a gradient), so it needs no
+    ``torch.no_grad()`` of its own."""
     if running_mean is None or running_var is None:
         return
-    with torch.no_grad():
-        k, d = mean
-        unbiased = var.mul_(n / (n - 1))  # var is not needed after this
-        torch._foreach_lerp_([running_mean, running_var],
-                             [_as(k.add(d), running_mean), _as(unbiased, running_var)],
-                             momentum)
+    k, d = mean
+    unbiased = var.mul_(n / (n - 1))  # var is not needed after this
+    torch._foreach_lerp_([running_mean, running_var],
+                         [_as(k + d, running_mean), _as(unbiased, running_var)], momentum)
+
+
+def _dx_coefficients(dbias: Tensor, dweight: Tensor, d: Tensor, invstd: Tensor,
+                     scale: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(c1, c0)`` of the input gradient ``dx = scale · dy + c1 · xk + c0``.
+
+    ``dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂))``; expanding ``x̂ = (xk − d)/σ`` gives
+    ``c1 = −(γ/σ)/σ · mean(dy · x̂)`` and ``c0 = −(γ/σ) · mean(dy) − d · c1``, with
+    ``Σ dy = dbias`` and ``Σ dy · x̂ = dweight``: two passes over the big tensors."""
+    k_n = scale * (-1.0 / n)                                              # −(γ/σ) / n
+    c1 = (k_n * invstd).mul_(dweight)
+    return c1, torch.addcmul(k_n * dbias, d, c1, value=-1)
+
+
+def _backward_2d(dout: Tensor, xk: Tensor, d: Tensor, invstd: Tensor, scale: Tensor,
+                 needs_dx: bool):
+    """The closed-form backward pass of an ``(N, C)`` batch, written out (as
+    :func:`_normalize_2d`): ``(dx, dweight, dbias)``, ``dx`` None unless ``needs_dx``."""
+    dbias = dout.sum(0)                                                     # Σ dy
+    prod = dout * xk
+    dweight = torch.addcmul(prod.sum(0), d, dbias, value=-1).mul_(invstd)  # Σ dy · x̂
+    if not needs_dx:
+        return None, dweight, dbias
+    c1, c0 = _dx_coefficients(dbias, dweight, d, invstd, scale, len(xk))
+    dx = torch.addcmul(c0, dout, scale, out=prod).addcmul_(xk, c1)  # prod is spent
+    return dx, dweight, dbias
+
+
+def _backward(dout: Tensor, xk: Tensor, d: Tensor, invstd: Tensor, scale: Tensor,
+              needs_dx: bool):
+    """The closed-form backward pass (chapter 2): ``(dx, dweight, dbias)`` from what
+    :func:`_normalize` saved, with ``x̂ = (xk − d) · invstd`` and ``scale = γ · invstd``."""
+    if xk.dim() == 2:
+        return _backward_2d(dout, xk, d, invstd, scale, needs_dx)
+    dbias = _channel_sum(dout)                                                # Σ dy
+    prod = dout * xk
+    dweight = torch.addcmul(_channel_sum(prod), d, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
+    if not needs_dx:
+        return None, dweight, dbias
+    c1, c0 = _dx_coefficients(dbias, dweight, d, invstd, scale, xk.numel() // xk.shape[1])
+    dx = _affine(dout, scale, c0, out=prod)   # prod is spent: reuse its memory
+    dx.addcmul_(xk, _broadcast(c1, xk))
+    return dx, dweight, dbias
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -172,21 +246,7 @@ class _BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
-        xk, d, invstd, scale = ctx.saved_tensors   # x̂ = (xk − d) · invstd, scale = γ · invstd
-        n = xk.numel() // xk.shape[1]
-        dbias = _channel_sum(dout)                                                # Σ dy
-        prod = dout * xk
-        dweight = torch.addcmul(_channel_sum(prod), d, dbias, value=-1).mul_(invstd)  # Σ dy·x̂
-        dx = None
-        if ctx.needs_input_grad[0]:
-            # dx = γ/σ · (dy − mean(dy) − x̂ · mean(dy · x̂)). Expanding x̂ makes it
-            # k·dy + c1·xk + c0 with per-channel k = γ/σ, c1 = −k/σ · mean(dy·x̂) and
-            # c0 = −k · mean(dy) − d · c1: two passes over the big tensors.
-            k_n = scale * (-1.0 / n)                                              # −k / n
-            c1 = (k_n * invstd).mul_(dweight)
-            c0 = torch.addcmul(k_n * dbias, d, c1, value=-1)
-            dx = _affine(dout, scale, c0, out=prod)   # prod is spent: reuse its memory
-            dx.addcmul_(xk, _broadcast(c1, xk))
+        dx, dweight, dbias = _backward(dout, *ctx.saved_tensors, ctx.needs_input_grad[0])
         return dx, dweight, dbias, None, None, None, None
 
 

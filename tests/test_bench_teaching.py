@@ -127,5 +127,7 @@ def test_cost_breakdown_entries():
     """The breakdown times every entry (quick: a tiny input, four repeats)."""
     df = B.cost_breakdown((8, 4), repeats=4, warmup=1)
     assert list(df["entry"]) == ["native step", "native kernels", "bnlib step",
-                                 "bnlib arithmetic", "bnlib arithmetic, batch of 2"]
+                                 "bnlib arithmetic", "bnlib data passes",
+                                 "bnlib arithmetic, batch of 2"]
+    assert len(B.cost_breakdown((4, 3, 2, 2), repeats=4, warmup=1)) == 6  # the image path
     assert (df["median_us"] > 0).all()

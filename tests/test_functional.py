@@ -129,6 +129,44 @@ def test_memory_layouts_and_expanded_upstream_gradient():
     assert xi.grad.abs().max() < 1e-10
 
 
+def test_nc_path_non_contiguous_input_and_expanded_gradient():
+    """The written-out (N, C) path on a transposed (non-contiguous) input and an upstream
+    gradient that is an expanded scalar, against torch."""
+    x, w, b, rm, rv, _ = _inputs((5, 12), torch.float64)
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    for fn in (F.batch_norm, TF.batch_norm):
+        xi, wi = xt.clone().t().contiguous().t().requires_grad_(True), w.clone().requires_grad_(True)
+        rmi, rvi = rm.clone(), rv.clone()
+        out = fn(xi, rmi, rvi, wi, b, True)
+        (out * torch.arange(12.0, dtype=torch.float64)).sum().backward()
+        if fn is F.batch_norm:
+            assert not xi.is_contiguous()
+            ours = (out.detach(), xi.grad, wi.grad, rmi, rvi)
+        else:
+            for a, r in zip(ours, (out.detach(), xi.grad, wi.grad, rmi, rvi)):
+                torch.testing.assert_close(a, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward_twice_with_retain_graph_and_no_double_backward(shape, training):
+    """The saved tensors survive a backward pass (retain_graph=True gives the same
+    gradients twice), and differentiating the closed-form gradient again raises a clear
+    error instead of returning a silently wrong (zero) second derivative."""
+    x, w, b, rm, rv, dy = _inputs(shape, torch.float64)
+    xi = x.clone().requires_grad_(True)
+    out = F.batch_norm(xi, rm.clone(), rv.clone(), w, b, training)
+    g1, = torch.autograd.grad(out, xi, dy, retain_graph=True)
+    g2, = torch.autograd.grad(out, xi, dy)
+    assert torch.equal(g1, g2)
+    out = F.batch_norm(xi, rm.clone(), rv.clone(), w, b, training)
+    dyg = dy.clone().requires_grad_(True)  # as in a network, where dy depends on the input
+    gx, = torch.autograd.grad(out, xi, dyg, create_graph=True)  # first order still works
+    torch.testing.assert_close(gx.detach(), g1)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
 def test_constant_channel_gives_zeros_not_nan():
     x = torch.full((8, 3), 0.1)
     x[:, 1] = torch.arange(8.0)
@@ -159,15 +197,18 @@ def test_gradcheck_eval_mode():
 
 @pytest.mark.parametrize("offset", [1e4, 1e5])
 @pytest.mark.parametrize("spread", [1.0, 0.05])
-def test_large_common_offset_still_normalises(offset, spread):
+@pytest.mark.parametrize("shape", [(64, 6, 5), (64, 6)], ids=["NCL", "NC"])
+def test_large_common_offset_still_normalises(offset, spread, shape):
     """A float32 batch x = offset + small spread: E[x²] − E[x]² would cancel to garbage;
-    the two-pass (centred) computation must agree with float64 arithmetic on the same numbers."""
+    the shifted computation must agree with float64 arithmetic on the same numbers
+    (the (N, C) shape takes the written-out path, the (N, C, L) one the general path)."""
     g = torch.Generator().manual_seed(1)
-    x = (offset + spread * torch.randn(64, 6, 5, generator=g, dtype=torch.float64)).float()
-    dy = torch.randn(64, 6, 5, generator=g)
+    x = (offset + spread * torch.randn(shape, generator=g, dtype=torch.float64)).float()
+    dy = torch.randn(shape, generator=g)
     x64 = x.double()  # the truth: float64 arithmetic on exactly the float32 inputs
-    mean = x64.mean((0, 2), keepdim=True)
-    var = x64.var((0, 2), unbiased=False, keepdim=True)
+    dims = F.channel_dims(x)
+    mean = x64.mean(dims, keepdim=True)
+    var = x64.var(dims, unbiased=False, keepdim=True)
     truth = (x64 - mean) / torch.sqrt(var + 1e-5)
     rm, rv = torch.zeros(6), torch.ones(6)
     xg = x.clone().requires_grad_(True)
