@@ -351,17 +351,15 @@ class ICSConfig(Protocol):
     Santurkar et al. ran the DLN 10,000 steps at LR 1e-6 or 1e-7 on ‖Wx − Ax‖²; ``fit``'s
     mean squared error also averages over the d = 10 outputs, so LR 1e-3 here is 1e-4 on
     their loss: 50 steps at it show the same phenomenon within seconds (the full preset:
-    10,000 steps at the equivalent of 1e-5). Both parts use PyTorch's BN layer (the time
-    budget), numerically bnlib's (chapter 1) but faster on these small layers."""
+    10,000 steps at the equivalent of 1e-5)."""
 
     data: str = "digits"
-    model: MLPSpec = MLPSpec(depth=6, width=64, norm_impl="torch")
+    model: MLPSpec = MLPSpec(depth=6, width=64)
     train: TrainSpec = TrainSpec(lr=0.05, steps=60, batch_size=64, eval_every=60,
                                  eval_splits=("val",))  # no momentum: "the step" is −lr·g
     at: tuple[int, ...] = (1, 15, 30, 45, 60)  # the steps measured
     layers: tuple[int, ...] = (2, 4)
-    dln_model: MLPSpec = MLPSpec(depth=24, width=10, activation="identity", init="xavier",
-                                 norm_impl="torch")
+    dln_model: MLPSpec = MLPSpec(depth=24, width=10, activation="identity", init="xavier")
     dln_samples: int = 128                   # Santurkar: 1000 (the full preset); ≫ d, and fast
     dln_train: TrainSpec = TrainSpec(lr=1e-3, steps=50, batch_size=128, eval_every=50,
                                      eval_splits=("val",))  # batch = every sample: full-batch GD

@@ -34,9 +34,7 @@ class DepthConfig(Protocol):
     """Depths × four arms, learning rate tuned per (arm, depth); the quick preset."""
 
     # width 32: small enough for 4 arms × 3 depths × (6 rates × 2 tuning + 8 reported seeds).
-    # norm_impl="torch": torch's fused BatchNorm1d (same function as bnlib's, chapter 1) is
-    # several times faster for these many thin layers; needed for the time budget.
-    model: MLPSpec = MLPSpec(width=32, norm_impl="torch")
+    model: MLPSpec = MLPSpec(width=32)
     # SGD + momentum, a short budget; evaluated once, at the end (only final accuracy is read)
     train: TrainSpec = TrainSpec(momentum=0.9, steps=60, batch_size=64, eval_every=60,
                                  eval_splits=("val", "test"))

