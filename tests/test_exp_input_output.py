@@ -9,7 +9,8 @@ from bnlib import data as datasets
 from bnlib.config import override
 from bnlib.experiments.input_output import (ARMS, IOConfig, IOSpec, expected_calibration_error,
                                             extreme_inputs, final_table, input_gains,
-                                            input_output, reliability, train_one)
+                                            input_output, reliability, rerun_with_layer,
+                                            train_one)
 from bnlib.models import MLPSpec
 
 DIGITS = datasets.load("digits", preprocessing="raw")
@@ -73,3 +74,13 @@ def test_input_output_tiny():
     assert 0 <= info["extreme_frac"] <= 1
     with pytest.raises(ValueError):
         input_output(override(cfg, {"arms": {"middle BN": {}}}))
+    # the rounding check: the same layer reproduces the reported runs exactly; bnlib's layer
+    # computes the same function, so the runs agree closely
+    f = f.set_index(["arm", "seed"])
+    same = rerun_with_layer(cfg, df, "input BN", impl="torch").set_index("seed")
+    assert list(same.index) == [0, 1] and (same["lr"] == f.loc["input BN", "lr"]).all()
+    assert same["accuracy"].tolist() == f.loc["input BN", "accuracy"].tolist()
+    other = rerun_with_layer(cfg, df, "input BN", impl="bnlib").set_index("seed")
+    assert other["loss"].to_numpy() == pytest.approx(same["loss"].to_numpy(), rel=1e-3)
+    with pytest.raises(ValueError, match="no arm"):
+        rerun_with_layer(cfg, df, "middle BN")
