@@ -70,12 +70,20 @@ def glue(key: str, value, display: bool = False) -> None:
     _glue(key, value, display=display)
 
 
+def _points(v: float) -> str:
+    """``v`` (in points) with one decimal, or two significant digits where one decimal
+    would print a nonzero value as ``±0.0`` (a CI that ends at −0.03 is not one at 0)."""
+    text = f"{v:+.1f}"
+    return f"{v:+.2g}" if v != 0 and float(text) == 0 else text
+
+
 def points(result) -> str:
     """A paired difference of accuracies in percentage points with its 95% CI, for the prose:
     ``"+1.2 points (95% CI +0.3 to +2.1; better)"`` for a :class:`bnlib.analysis.Comparison`
     (its verdict word last), without the word for a :class:`bnlib.analysis.Diff`."""
     d = getattr(result, "diff", result)
-    text = f"{100 * d.mean:+.1f} points (95% CI {100 * d.ci_low:+.1f} to {100 * d.ci_high:+.1f}"
+    text = (f"{_points(100 * d.mean)} points (95% CI {_points(100 * d.ci_low)} to "
+            f"{_points(100 * d.ci_high)}")
     word = getattr(result, "verdict", None)
     return text + (f"; {word})" if word else ")")
 

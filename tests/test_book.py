@@ -40,3 +40,8 @@ def test_points_formats_a_comparison_and_a_difference():
     c = analysis.compare(x, y, margin=0.005)
     assert points(c) == points(c.diff)[:-1] + f"; {c.verdict})"
     assert points(d).startswith("+2.0 points (95% CI +")  # mean of the differences: 0.02
+    # worked by hand: a CI end at −0.0003 is −0.03 points, not "−0.0"; an exact 0 stays "+0.0"
+    tiny = analysis.Diff(n=8, mean=-0.005, sd=0.006, ci_low=-0.010, ci_high=-0.0003, p=0.08)
+    assert points(tiny) == "-0.5 points (95% CI -1.0 to -0.03)"
+    from bnlib.book import _points
+    assert (_points(-0.03), _points(0.0), _points(0.04), _points(1.26)) == ("-0.03", "+0.0", "+0.04", "+1.3")
