@@ -211,20 +211,20 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
             models = [override(base, {k: v for k, v in p.items() if k == "model.dropout"}).model
                       for p in group]
             cells = [(s, p, m) for s in seeds for p, m in zip(group, models)]
-            rows = lambda p: {column(k): v for k, v in p.items()}  # noqa: E731 (grid columns)
+            columns = lambda p: {column(k): v for k, v in p.items()}  # noqa: E731 (grid columns)
             if engine is not None and all(engine.supports(m, spec) for m in models):
                 members = [engine.Member(seed=s, lr=p.get("train.lr", spec.lr),
                                          dropout=m.dropout) for s, p, m in cells]
                 histories = engine.fit_many(base.model, spec, data, members)
                 for (s, p, _), h in zip(cells, histories):
                     h.attrs = {}
-                    frames.append(h.assign(arm=arm, seed=s, **rows(p)))
+                    frames.append(h.assign(arm=arm, seed=s, **columns(p)))
                 continue
             for s, p, m in progress.bar(cells, total=len(cells), desc=arm):
                 h = fit(m, dataclasses.replace(spec, lr=p.get("train.lr", spec.lr)), data, s,
                         callbacks=callbacks() if callbacks else ())
                 h.attrs = {}
-                frames.append(h.assign(arm=arm, seed=s, **rows(p)))
+                frames.append(h.assign(arm=arm, seed=s, **columns(p)))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return df.assign(kind="history")
 
