@@ -7,25 +7,35 @@ notebook in the book build and ``python -m bnlib run`` share one computation, an
 the library invalidates every entry. Entries live in :func:`folder`: ``<name>-<key>.pkl`` (the DataFrame) and ``.json`` (provenance:
 how, where and when it was computed, and how long it took the first time).
 
+A long computation also keeps its finished pieces: while :func:`checkpointing` is active (as it
+is whenever :func:`bnlib.experiments.run` computes a result), every finished cell of a run (a
+stack of runs trained together, one run, one sweep cell) is saved by :func:`cell` under
+``<name>-<key>.partial/``, and a rerun after a kill loads those cells instead of training them
+again; the folder goes once the whole result is saved.
+
 Recorded results are the other kind of stored result: a committed CSV with its provenance
 under ``recorded/<name>/<scale>/`` in the repository (e.g. a full-scale run made on a GPU),
 which the book can show in place of a computation it could not afford (:func:`load_recorded`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import pandas as pd
 import torch
 
 from .config import to_dict
 
-__all__ = ["key", "folder", "load", "save", "code_hash", "load_recorded", "recorded_folder"]
+__all__ = ["key", "folder", "load", "save", "code_hash", "load_recorded", "recorded_folder",
+           "partial_folder", "checkpointing", "cell"]
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -90,6 +100,69 @@ def save(name: str, k: str, df: pd.DataFrame, provenance: dict) -> None:
     tmp = meta.with_suffix(stem)
     tmp.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     tmp.replace(meta)
+
+
+def partial_folder(name: str, k: str) -> Path:
+    """Where the finished cells of an unfinished computation of ``name`` wait."""
+    return folder() / f"{name}-{k}.partial"
+
+
+_CHECKPOINT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bnlib_checkpoint", default=None)
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def checkpointing(where: str | Path | None, *, remove: bool = False) -> Iterator[None]:
+    """Within this block :func:`cell` saves every finished cell under ``where`` and loads
+    it on a rerun. With ``remove``, the folder is deleted when the block ends without an
+    error (the whole result is then stored elsewhere); after an error it stays, to resume."""
+    token = _CHECKPOINT.set(Path(where) if where is not None else None)
+    try:
+        yield
+    finally:
+        _CHECKPOINT.reset(token)
+    if remove and where is not None:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _stable(value: Any) -> Any:
+    """A JSON-able stand-in for a cell's description that is the same in every process
+    (callables by qualified name, dataclasses by their fields, other objects by ``repr``)."""
+    import dataclasses
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"_type": type(value).__name__,
+                **{f.name: _stable(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, Mapping):
+        return {str(k): _stable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_stable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def cell(description: Mapping[str, Any], compute: Callable[[], T]) -> T:
+    """``compute()``, saved under the active :func:`checkpointing` folder by a hash of
+    ``description`` (everything that determines the cell), and loaded from there when it
+    was finished before. Without an active folder, just ``compute()``."""
+    where = _CHECKPOINT.get()
+    if where is None:
+        return compute()
+    blob = json.dumps(_stable(description), sort_keys=True)
+    path = where / f"cell-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pkl"
+    if path.exists():
+        try:
+            return pd.read_pickle(path)
+        except Exception:  # a truncated file (killed mid-write cannot happen, but a foreign one can)
+            pass
+    value = compute()
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    pd.to_pickle(value, tmp)
+    tmp.replace(path)
+    return value
 
 
 def recorded_folder(name: str, scale: str) -> Path:

@@ -17,9 +17,9 @@ import hashlib
 import json
 import types
 import typing
-from typing import Any, Iterable, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
-__all__ = ["ConfigError", "override", "to_dict", "config_hash", "fields", "parse_value",
+__all__ = ["Config", "ConfigError", "override", "to_dict", "config_hash", "fields", "parse_value",
            "format_config"]
 
 
@@ -215,3 +215,40 @@ def format_config(cfg: Any) -> str:
             continue
         lines.append(f"{key} = {value!r}")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base of every experiment config: the seeds to run and the device to run on.
+
+    The class's defaults are the ``quick`` preset (≤ a minute on 2 CPU cores). ``FULL`` is the
+    larger run meant for a GPU, written as overrides of the quick one (dotted keys), so that a
+    preset reads as a few assignments, as in nanoGPT's config files.
+    """
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"
+
+    #: The ``full`` preset as overrides of the quick one; a subclass sets it.
+    FULL: ClassVar[Mapping[str, Any] | None] = None
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls()
+
+    @classmethod
+    def full(cls) -> "Config":
+        if cls.FULL is None:
+            raise NotImplementedError(f"{cls.__name__} has no full preset yet")
+        return override(cls(), cls.FULL)
+
+    @classmethod
+    def preset(cls, scale: str | None = None, **overrides: Any) -> "Config":
+        """The ``quick`` or ``full`` preset (default: ``bnlib.scale()``), with overrides
+        (dotted keys such as ``"train.lr"`` reach into nested specs)."""
+        from . import scale as current_scale
+        scale = scale or current_scale()
+        if scale not in ("quick", "full"):
+            raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
+        base = cls.quick() if scale == "quick" else cls.full()
+        return override(base, overrides) if overrides else base

@@ -20,10 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
+from . import cache, progress
 from . import data as datasets
-from . import progress
-from .config import override
-from .experiments import Config
+from .config import Config, override
 from .models import CNNSpec, MLPSpec
 from .probes import Probe, WeightNormTracker
 from .train import TrainSpec, fit
@@ -63,15 +62,6 @@ class Protocol(Config):
     arms: dict[str, dict[str, Any]] = field(default_factory=_default_arms)
     seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds: the house minimum for a reported claim
     tuning: Tuning = Tuning()
-
-    #: The ``full`` preset as overrides of the quick one (dotted keys); a subclass sets it.
-    FULL = None
-
-    @classmethod
-    def full(cls) -> "Protocol":
-        if cls.FULL is None:
-            raise NotImplementedError(f"{cls.__name__} has no full preset yet")
-        return override(cls(), cls.FULL)
 
     def prepare(self, data: datasets.Dataset) -> datasets.Dataset:
         """The loaded data set as this experiment feeds it (default: unchanged). A chapter's
@@ -123,10 +113,13 @@ def trained(cfg: Protocol, *, arms: Sequence[str] | None = None,
         data = acfg.model.inputs(load_data(acfg))
         spec = train_spec(acfg)
         if engine is not None and engine.supports(acfg.model, spec):
-            hs = engine.fit_many(acfg.model, spec, data, [engine.Member(seed=s) for s in seeds])
+            hs = cache.cell({"trained": acfg, "train": spec, "seeds": seeds}, lambda: engine.fit_many(
+                acfg.model, spec, data, [engine.Member(seed=s) for s in seeds]))
         else:
-            hs = (fit(acfg.model, spec, data, s) for s in seeds)
+            hs = (cache.cell({"trained": acfg, "train": spec, "seed": s},
+                             lambda s=s: fit(acfg.model, spec, data, s)) for s in seeds)
         for seed, h in zip(seeds, hs):
+            h = h.copy()  # a checkpointed history keeps its network for the next reader
             yield arm, seed, h, h.attrs.pop("model"), data
 
 
@@ -158,15 +151,21 @@ def probed(cfg: Protocol, make: Callable[[Protocol, datasets.Dataset], Any], *,
         acfg = arm_config(cfg, arm)
         data = acfg.model.inputs(load_data(acfg))
         for seed in (cfg.seeds if seeds is None else seeds):
-            made = make(acfg, data)
-            made = list(made) if isinstance(made, (list, tuple)) else [made]
-            h = fit(acfg.model, train_spec(acfg), data, seed, callbacks=made)
-            h.attrs = {}
-            div = bool(h["diverged"].any())
-            frames.append(h.assign(record="history", arm=arm, seed=seed))
-            frames += [p.frame().assign(record=getattr(p, "name", "probe"), arm=arm, seed=seed,
-                                        diverged=div) for p in made]
+            frames += cache.cell({"probed": make, "defaults": make.__defaults__, "cfg": acfg,
+                                  "seed": seed}, lambda: _probed_run(acfg, make, data, arm, seed))
     return pd.concat(frames, ignore_index=True)
+
+
+def _probed_run(acfg: Protocol, make: Callable, data: datasets.Dataset, arm: str,
+                seed: int) -> list[pd.DataFrame]:
+    made = make(acfg, data)
+    made = list(made) if isinstance(made, (list, tuple)) else [made]
+    h = fit(acfg.model, train_spec(acfg), data, seed, callbacks=made)
+    h.attrs = {}
+    div = bool(h["diverged"].any())
+    return [h.assign(record="history", arm=arm, seed=seed),
+            *(p.frame().assign(record=getattr(p, "name", "probe"), arm=arm, seed=seed, diverged=div)
+              for p in made)]
 
 
 def _stacked():
@@ -175,6 +174,13 @@ def _stacked():
     except ImportError:
         return None
     return stacked
+
+
+def _bare(histories: Sequence[pd.DataFrame]) -> list[pd.DataFrame]:
+    """The histories without their ``attrs`` (the trained network stays out of results)."""
+    for h in histories:
+        h.attrs = {}
+    return list(histories)
 
 
 def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
@@ -188,7 +194,8 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
     point starts from the same random stream and sees the same batches. Runs that the stacked
     engine supports (plain, batch-norm and ghost-BN MLPs with SGD, no probes) train together as one
     model; the rest train one by one. ``callbacks()`` makes fresh probes for each run (and
-    forces sequential runs).
+    forces sequential runs). Under :func:`bnlib.cache.checkpointing` every finished stack or
+    run is kept, so a killed computation resumes where it stopped.
     """
     seeds = list(cfg.seeds if seeds is None else seeds)
     grid = dict(grid or {})
@@ -215,15 +222,17 @@ def runs(cfg: Protocol, *, seeds: Sequence[int] | None = None,
             if engine is not None and all(engine.supports(m, spec) for m in models):
                 members = [engine.Member(seed=s, lr=p.get("train.lr", spec.lr),
                                          dropout=m.dropout) for s, p, m in cells]
-                histories = engine.fit_many(base.model, spec, data, members)
-                for (s, p, _), h in zip(cells, histories):
-                    h.attrs = {}
-                    frames.append(h.assign(arm=arm, seed=s, **columns(p)))
+                histories = cache.cell({"runs": base, "train": spec, "members": members},
+                                       lambda: _bare(engine.fit_many(base.model, spec, data, members)))
+                frames += [h.assign(arm=arm, seed=s, **columns(p)) for (s, p, _), h in zip(cells, histories)]
                 continue
             for s, p, m in progress.bar(cells, total=len(cells), desc=arm):
-                h = fit(m, dataclasses.replace(spec, lr=p.get("train.lr", spec.lr)), data, s,
-                        callbacks=callbacks() if callbacks else ())
-                h.attrs = {}
+                one = dataclasses.replace(spec, lr=p.get("train.lr", spec.lr))
+                if callbacks:  # the caller reads its probes afterwards: never from a checkpoint
+                    h = _bare([fit(m, one, data, s, callbacks=callbacks())])[0]
+                else:
+                    h = cache.cell({"runs": base, "model": m, "train": one, "seed": s},
+                                   lambda: _bare([fit(m, one, data, s)])[0])
                 frames.append(h.assign(arm=arm, seed=s, **columns(p)))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return df.assign(kind="history")

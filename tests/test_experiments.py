@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import bnlib
+from bnlib import cache
 from bnlib import experiments as ex
 from bnlib.__main__ import main
 
@@ -171,16 +172,16 @@ def test_checkpointing_resumes_finished_cells(tmp_path):
         calls.append((seed, lr))
         return pd.DataFrame({"acc": [seed + lr]})
 
-    with ex.checkpointing(tmp_path / "cells"):
+    with cache.checkpointing(tmp_path / "cells"):
         first = ex.sweep(cell, seeds=(0, 1), grid={"lr": [0.1, 0.2]})
     assert len(calls) == 4 and len(list((tmp_path / "cells").glob("cell-*.pkl"))) == 4
-    with ex.checkpointing(tmp_path / "cells"):
+    with cache.checkpointing(tmp_path / "cells"):
         again = ex.sweep(cell, seeds=(0, 1), grid={"lr": [0.1, 0.2]})
     assert len(calls) == 4  # nothing recomputed
     pd.testing.assert_frame_equal(first, again)
     # an interrupted run: one finished cell lost, one new grid point added
     sorted(tmp_path.glob("cells/cell-*.pkl"))[0].unlink()
-    with ex.checkpointing(tmp_path / "cells"):
+    with cache.checkpointing(tmp_path / "cells"):
         more = ex.sweep(cell, seeds=(0, 1), grid={"lr": [0.1, 0.2, 0.3]})
     assert len(calls) == 4 + 1 + 2 and len(more) == 6
     assert not list(tmp_path.glob("cells/*.tmp"))

@@ -155,6 +155,66 @@ def test_run_uses_the_cache(tmp_path, monkeypatch):
     experiments._REGISTRY.pop("_tiny_cached")
 
 
+def test_cell_keeps_finished_work_and_the_folder_goes_on_success(tmp_path):
+    calls = []
+
+    def compute(v):
+        calls.append(v)
+        return pd.DataFrame({"v": [v]})
+
+    assert cache.cell({"a": 1}, lambda: compute(1))["v"][0] == 1     # no folder: just computed
+    where = tmp_path / "partial"
+    with pytest.raises(RuntimeError):
+        with cache.checkpointing(where, remove=True):
+            cache.cell({"a": 1, "spec": TINY}, lambda: compute(1))
+            raise RuntimeError("killed")
+    assert len(list(where.glob("cell-*.pkl"))) == 1                  # an error keeps the cells
+    with cache.checkpointing(where, remove=True):
+        again = cache.cell({"a": 1, "spec": TINY}, lambda: compute(99))   # loaded, not computed
+        other = cache.cell({"a": 1, "spec": override(TINY, {"seeds": (5,)})}, lambda: compute(2))
+    assert again["v"][0] == 1 and other["v"][0] == 2 and calls == [1, 1, 2]
+    assert not where.exists()                                        # success: the folder goes
+
+
+def test_a_killed_run_resumes_from_its_finished_runs(tmp_path, monkeypatch):
+    """A run killed after its first arm trains only the second one when started again, and
+    gives the same result as an uninterrupted run."""
+    from bnlib import stacked
+    monkeypatch.setenv("BNLIB_CACHE", str(tmp_path))
+    trained_arms, kill = [], [True]
+    real = stacked.fit_many
+
+    def counting(model, *a, **kw):
+        trained_arms.append(model.norm)
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(stacked, "fit_many", counting)
+
+    @experiments.register("_tiny_resume", Protocol, title="tiny")
+    def _tiny(cfg):
+        first = runs(cfg, arms=["plain"])
+        if kill[0]:
+            raise KeyboardInterrupt
+        return pd.concat([first, runs(cfg, arms=["BN"])], ignore_index=True)
+
+    experiments._MEMO.clear()
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run("_tiny_resume", "quick", overrides=to_dict_overrides(TINY))
+    kill[0] = False
+    resumed = experiments.run("_tiny_resume", "quick", overrides=to_dict_overrides(TINY))
+    assert trained_arms == ["none", "batch"]                          # plain was not trained twice
+    assert not list(tmp_path.glob("*.partial"))
+    whole = pd.concat([runs(TINY, arms=["plain"]), runs(TINY, arms=["BN"])], ignore_index=True)
+    pd.testing.assert_frame_equal(resumed.drop(columns="elapsed"), whole.drop(columns="elapsed"))
+    experiments._REGISTRY.pop("_tiny_resume")
+
+
+def to_dict_overrides(cfg: Protocol) -> dict:
+    return {"data": cfg.data, "model.depth": cfg.model.depth, "model.width": cfg.model.width,
+            "train.steps": cfg.train.steps, "train.eval_every": cfg.train.eval_every,
+            "train.batch_size": cfg.train.batch_size, "seeds": cfg.seeds}
+
+
 def test_cache_key_changes_with_config_and_code(monkeypatch):
     k1 = cache.key("x", TINY, "cpu")
     assert k1 == cache.key("x", TINY, "cpu")

@@ -1,17 +1,15 @@
 """The experiment registry: presets, the results cache and paired sweeps.
 
 An experiment is a function ``fn(config) -> pandas.DataFrame`` registered under a name, with a
-config dataclass whose defaults are the quick preset (each field with a one-line reason) and
-whose ``full()`` changes a few of them::
+config dataclass (:class:`bnlib.config.Config`) whose defaults are the quick preset (each field
+with a one-line reason) and whose ``FULL`` overrides a few of them::
 
     @dataclass(frozen=True)
     class SpeedConfig(Config):
         data: str = "digits"          # ships with scikit-learn: no download
         train: TrainSpec = TrainSpec(steps=300)
 
-        @classmethod
-        def full(cls):
-            return override(cls(), {"data": "mnist", "train.steps": 5000})
+        FULL = {"data": "mnist", "train.steps": 5000}
 
     @register("speed", SpeedConfig, title="Steps to a target accuracy", chapter="04_speed",
               plot=plot)
@@ -26,57 +24,22 @@ the command line) is reused everywhere until the library or the config changes.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import datetime as dt
-import hashlib
 import importlib
 import itertools
-import json
 import pkgutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
 from .. import cache, progress, runtime
 from .. import scale as current_scale
-from ..config import ConfigError, config_hash, override, to_dict
+from ..config import Config, ConfigError, config_hash, override, to_dict
 
 __all__ = ["Config", "Experiment", "register", "get", "names", "run", "resolve", "sweep",
-           "checkpointing", "config_hash", "ConfigError", "override"]
-
-
-@dataclass(frozen=True)
-class Config:
-    """Base of every experiment config: the seeds to run and the device to run on.
-
-    The class's defaults are the ``quick`` preset (≤ a minute on 2 CPU cores); ``full()`` is
-    the larger run meant for a GPU. Subclasses add their own fields and override ``full()``.
-    """
-
-    seeds: tuple[int, ...] = (0, 1, 2)
-    device: str = "auto"
-
-    @classmethod
-    def quick(cls) -> "Config":
-        return cls()
-
-    @classmethod
-    def full(cls) -> "Config":
-        raise NotImplementedError(f"{cls.__name__} has no full preset yet")
-
-    @classmethod
-    def preset(cls, scale: str | None = None, **overrides: Any) -> "Config":
-        """The ``quick`` or ``full`` preset (default: ``bnlib.scale()``), with overrides
-        (dotted keys such as ``"train.lr"`` reach into nested specs)."""
-        scale = scale or current_scale()
-        if scale not in ("quick", "full"):
-            raise ValueError(f"scale must be 'quick' or 'full', got {scale!r}")
-        base = cls.quick() if scale == "quick" else cls.full()
-        return override(base, overrides) if overrides else base
+           "config_hash", "ConfigError", "override"]
 
 
 @dataclass(frozen=True)
@@ -160,7 +123,9 @@ def run(name: str, scale: str | None = None, *, cache_results: bool = True,
     keyword arguments override config fields (``seeds=(0, 1)``, ``train__lr=0.1``). The run
     uses bnlib's thread count, so the result does not depend on the machine's settings. The
     result's ``attrs["provenance"]`` says where, when and how it was first computed, and
-    ``attrs["config"]`` holds the resolved config.
+    ``attrs["config"]`` holds the resolved config. While it computes, finished cells are
+    kept (:func:`bnlib.cache.checkpointing`), so a run killed after hours resumes where it
+    stopped when it is started again with the same config.
     """
     from ..provenance import record
     from ..train import resolve_device
@@ -171,8 +136,9 @@ def run(name: str, scale: str | None = None, *, cache_results: bool = True,
     hit = _MEMO.get(k) or (cache.load(name, k) if cache_results else None)
     if hit is None:
         started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-        with runtime.pinned_threads():
-            df = exp.fn(cfg)
+        partial = cache.partial_folder(name, k) if cache_results else None
+        with runtime.pinned_threads(), cache.checkpointing(partial, remove=True):
+            df = exp.fn(cfg)  # a killed run resumes from its finished cells
         seconds = time.perf_counter() - t0
         command = " ".join(["python -m bnlib run", name, "--scale", scale or current_scale(),
                             *(f"{k}={v}" for k, v in sorted(_dotted(kw).items()))])
@@ -192,42 +158,6 @@ def run(name: str, scale: str | None = None, *, cache_results: bool = True,
 
 # --- sweeps ---------------------------------------------------------------------------
 
-_CHECKPOINT: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bnlib_checkpoint", default=None)
-
-
-@contextlib.contextmanager
-def checkpointing(folder: str | Path | None):
-    """Within this block, every finished sweep cell is saved under ``folder`` and a rerun
-    loads it instead of recomputing it: an interrupted long run loses no finished work."""
-    token = _CHECKPOINT.set(Path(folder) if folder is not None else None)
-    try:
-        yield
-    finally:
-        _CHECKPOINT.reset(token)
-
-
-def _stable(value: Any) -> Any:
-    """A JSON-able stand-in for a sweep argument that is the same in every process
-    (callables by qualified name; other objects by their repr, never by address)."""
-    if callable(value) and hasattr(value, "__qualname__"):
-        return f"{value.__module__}.{value.__qualname__}"
-    if isinstance(value, Mapping):
-        return {str(k): _stable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_stable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)
-
-
-def _cell_path(folder: Path, fn: Callable, arm: str, arm_kwargs: Mapping, point: Mapping,
-               common: Mapping, seed: int) -> Path:
-    key = json.dumps({"fn": _stable(fn), "arm": arm, "arm_kwargs": _stable(arm_kwargs),
-                      "point": _stable(point), "common": _stable(common), "seed": seed},
-                     sort_keys=True)
-    return folder / f"cell-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pkl"
-
-
 def sweep(fn: Callable[..., pd.DataFrame], *, seeds: Sequence[int],
           arms: Mapping[str, Mapping[str, Any]] | None = None,
           grid: Mapping[str, Sequence[Any]] | None = None,
@@ -238,30 +168,22 @@ def sweep(fn: Callable[..., pd.DataFrame], *, seeds: Sequence[int],
     training history); columns ``arm``, one per grid key, and ``seed`` are added. Arms are
     *paired*: for a given seed every arm and grid point gets the same seed, so the same
     initialisation stream and batch order. Seeds run in the outer loop, so a cut-short
-    run still holds complete pairs.
+    run still holds complete pairs; under :func:`bnlib.cache.checkpointing` a finished cell
+    is kept, and a rerun after a kill starts where it stopped.
     """
     arms = dict(arms or {"default": {}})
     grid = dict(grid or {})
     common = dict(common or {})
     points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    folder = _CHECKPOINT.get()
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     cells = [(seed, arm, point) for seed in seeds for arm in arms for point in points]
-    frames = []
-    for seed, arm, point in progress.bar(cells, total=len(cells), desc=desc):
-        path = (_cell_path(folder, fn, arm, arms[arm], point, common, seed)
-                if folder is not None else None)
-        if path is not None and path.exists():
-            df = pd.read_pickle(path)
-        else:
-            df = fn(seed=seed, **common, **arms[arm], **point)
-            if not isinstance(df, pd.DataFrame):
-                df = pd.DataFrame([df] if isinstance(df, Mapping) else df)
-            df = df.assign(arm=arm, seed=seed, **point)
-            if path is not None:
-                tmp = path.with_suffix(".tmp")
-                df.to_pickle(tmp)
-                tmp.replace(path)
-        frames.append(df)
+
+    def one(seed: int, arm: str, point: dict) -> pd.DataFrame:
+        df = fn(seed=seed, **common, **arms[arm], **point)
+        if not isinstance(df, pd.DataFrame):
+            df = pd.DataFrame([df] if isinstance(df, Mapping) else df)
+        return df.assign(arm=arm, seed=seed, **point)
+
+    frames = [cache.cell({"sweep": fn, "arm": arm, "arm_kwargs": arms[arm], "point": point,
+                          "common": common, "seed": seed}, lambda: one(seed, arm, point))
+              for seed, arm, point in progress.bar(cells, total=len(cells), desc=desc)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

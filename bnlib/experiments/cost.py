@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..config import override
 from ..inference import fold_batchnorm
 from ..models import cnn, mlp
 from ..timing import paired_ratio, step_phases, time_interleaved
@@ -63,12 +62,10 @@ class CostConfig(Config):
     repeats: int = 12                 # interleaved repeats: medians need a dozen
     number: int = 2                   # calls per repeat
 
-    @classmethod
-    def full(cls) -> "CostConfig":
-        # GPU-sized: a wider MLP, CIFAR-shaped images with wider convolutions, more repeats
-        return override(cls(), {"mlp_width": 1024, "mlp_batch": 512, "cnn_shape": (3, 32, 32),
-                                "cnn_channels": (64, 128, 256), "cnn_batch": 128,
-                                "repeats": 50, "number": 5, "seeds": (0,)})
+    # GPU-sized: a wider MLP, CIFAR-shaped images with wider convolutions, more repeats
+    FULL = {"mlp_width": 1024, "mlp_batch": 512, "cnn_shape": (3, 32, 32),
+            "cnn_channels": (64, 128, 256), "cnn_batch": 128,
+            "repeats": 50, "number": 5, "seeds": (0,)}
 
 
 def _net(cfg: "CostConfig | FoldConfig", kind: str, norm: str, impl: str, batch: int
@@ -172,11 +169,9 @@ class FoldConfig(Config):
     repeats: int = 12                 # interleaved repeats
     number: int = 2                   # calls per repeat
 
-    @classmethod
-    def full(cls) -> "FoldConfig":
-        return override(cls(), {"mlp_width": 1024, "cnn_shape": (3, 32, 32),
-                                "cnn_channels": (64, 128, 256), "batch": 512, "repeats": 50,
-                                "number": 5, "seeds": (0,)})
+    FULL = {"mlp_width": 1024, "cnn_shape": (3, 32, 32),
+            "cnn_channels": (64, 128, 256), "batch": 512, "repeats": 50,
+            "number": 5, "seeds": (0,)}
 
 
 def _bn_model(cfg: FoldConfig, kind: str) -> tuple[nn.Module, torch.Tensor]:

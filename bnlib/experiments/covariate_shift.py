@@ -29,7 +29,6 @@ from torch.func import functional_call
 
 from .. import analysis
 from .. import data as datasets
-from ..config import override
 from ..models import CNNSpec, MLPSpec, Net
 from ..nn import batchnorm_layers
 from ..probes import Probe, capture, frozen_batchnorm_buffers
@@ -197,13 +196,10 @@ class NoisyBNConfig(Protocol):
     seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds: enough for an equivalence test
     margin: float = 0.03                    # smallest noisy-BN vs BN test-accuracy gap that matters (3 pp)
 
-    @classmethod
-    def full(cls) -> "NoisyBNConfig":
-        # Santurkar et al.'s setting: a VGG-style CNN on CIFAR-10, SGD LR 0.1, batch 128.
-        net = CNNSpec(channels=(64, 128, 256, 256, 512, 512))
-        return dataclasses.replace(
-            cls(), data="cifar10", model=NoisySpec(net), probe_every=100, probe_layer=4,
-            train=TrainSpec(lr=0.1, batch_size=128, steps=10_000, eval_every=500))
+    # Santurkar et al.'s setting: a VGG-style CNN on CIFAR-10, SGD LR 0.1, batch 128.
+    FULL = {"data": "cifar10", "model": NoisySpec(CNNSpec(channels=(64, 128, 256, 256, 512, 512))),
+            "probe_every": 100, "probe_layer": 4,
+            "train": TrainSpec(lr=0.1, batch_size=128, steps=10_000, eval_every=500)}
 
 
 def _plot_noisy_bn(df: pd.DataFrame):
@@ -368,15 +364,13 @@ class ICSConfig(Protocol):
     parts: tuple[str, ...] = ("dln", "mlp")
     seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds for the paired intervals
 
-    @classmethod
-    def full(cls) -> "ICSConfig":
-        return override(cls(), {"data": "mnist", "model.depth": 10, "model.width": 256,
-                                "train.steps": 5000, "train.eval_every": 1000,
-                                "train.batch_size": 128, "at": (1, *range(250, 5001, 250)),
-                                "dln_samples": 1000, "dln_train.batch_size": 1000,
-                                "layers": (3, 6, 9), "dln_train.lr": 1e-4, "dln_train.steps": 10_000,
-                                "dln_train.eval_every": 10_000,
-                                "dln_at": (1, 10, 100, 500, 1000, 2000, 5000, 10_000)})
+    FULL = {"data": "mnist", "model.depth": 10, "model.width": 256,
+            "train.steps": 5000, "train.eval_every": 1000,
+            "train.batch_size": 128, "at": (1, *range(250, 5001, 250)),
+            "dln_samples": 1000, "dln_train.batch_size": 1000,
+            "layers": (3, 6, 9), "dln_train.lr": 1e-4, "dln_train.steps": 10_000,
+            "dln_train.eval_every": 10_000,
+            "dln_at": (1, 10, 100, 500, 1000, 2000, 5000, 10_000)}
 
     def prepare(self, data: datasets.Dataset) -> datasets.Dataset:
         """For the DLN part: ``dln_samples`` training samples of ``y = Ax`` (raw)."""

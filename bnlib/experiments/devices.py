@@ -35,7 +35,6 @@ from torch import nn
 from .. import data as datasets
 from .. import distributed as D
 from .. import progress
-from ..config import override
 from ..models import MLPSpec, mlp
 from ..nn import BatchNorm1d, BatchNorm2d, use_ghost_batchnorm
 from ..train import TrainSpec, fit, seeded, train
@@ -84,12 +83,10 @@ class DevicesConfig(Config):
     train: TrainSpec = TrainSpec(momentum=0.9, steps=100, batch_size=32, eval_every=100)
     margin: float = 0.015                # equivalence margin on test accuracy, declared up front
 
-    @classmethod
-    def full(cls) -> "DevicesConfig":
-        return override(cls(), {"dataset": "mnist5k", "devices": (1, 2, 4, 8, 16, 32, 64),
-                                "train.batch_size": 256, "train.steps": 3000,
-                                "train.eval_every": 3000, "model.width": 256, "model.depth": 3,
-                                "seeds": tuple(range(10))})
+    FULL = {"dataset": "mnist5k", "devices": (1, 2, 4, 8, 16, 32, 64),
+            "train.batch_size": 256, "train.steps": 3000,
+            "train.eval_every": 3000, "model.width": 256, "model.depth": 3,
+            "seeds": tuple(range(10))}
 
 
 def fit_devices(cfg: DevicesConfig, seed: int, devices: int) -> dict:

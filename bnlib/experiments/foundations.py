@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from .. import data as datasets
 from .. import reference
-from ..config import override
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
 from ..nn import batchnorm_layers
@@ -140,10 +139,8 @@ class BackwardTimingConfig(Config):
     repeats: int = 15                 # interleaved repeats: medians and quartiles over them
     number: int = 3                   # calls per timed repeat (the smallest shape takes ~0.1 ms)
 
-    @classmethod
-    def full(cls) -> "BackwardTimingConfig":
-        return override(cls(), {"sizes": ((64, 64), (256, 256), (1024, 256), (4096, 256), (4096, 1024),
-                                          (16384, 1024), (65536, 512)), "repeats": 31, "number": 10})
+    FULL = {"sizes": ((64, 64), (256, 256), (1024, 256), (4096, 256), (4096, 1024),
+                      (16384, 1024), (65536, 512)), "repeats": 31, "number": 10}
 
 
 def timing_speedups(df: pd.DataFrame) -> pd.DataFrame:

@@ -102,11 +102,9 @@ class GeneralizationConfig(Protocol):
     margin: float = 0.01  # a test-accuracy difference under 1 point does not matter
     loss_margin: float = 0.03  # a cross-entropy difference under 0.03 nats does not matter
 
-    @classmethod
-    def full(cls) -> "GeneralizationConfig":
-        return override(cls(), {"datasets": ("mnist1d", "fashion_mnist", "cifar10", "digits"),
-                                "model.depth": 4, "model.width": 512, "train.steps": 5000,
-                                "train.eval_every": 250, "train.batch_size": 128})
+    FULL = {"datasets": ("mnist1d", "fashion_mnist", "cifar10", "digits"),
+            "model.depth": 4, "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 250, "train.batch_size": 128}
 
 
 def plot_generalization(df: pd.DataFrame, ax=None):
@@ -164,11 +162,9 @@ class ControlsConfig(Protocol):
     ghost_batch: int = 8  # virtual batch: 8 ghost batches per batch of 64
     margin: float = 0.01  # a test-accuracy difference under 1 point does not matter
 
-    @classmethod
-    def full(cls) -> "ControlsConfig":
-        return override(cls(), {"datasets": ("mnist1d", "fashion_mnist"), "n_train": 2000,
-                                "model.depth": 4, "model.width": 512, "train.steps": 3000,
-                                "train.eval_every": 3000})
+    FULL = {"datasets": ("mnist1d", "fashion_mnist"), "n_train": 2000,
+            "model.depth": 4, "model.width": 512, "train.steps": 3000,
+            "train.eval_every": 3000}
 
 
 def plot_controls(df: pd.DataFrame):

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..config import override
 from ..models import MLPSpec, mlp
 from ..probes import Probe, frozen_batchnorm_buffers, gradient_norms, weight_norms
 from ..protocol import Protocol, runs
@@ -285,10 +284,8 @@ class ExplosionConfig(Config):
     seeds: tuple[int, ...] = tuple(range(8))  # 8 paired seeds (init and batch)
     rate_tolerance: float = 0.02             # how close to the mean-field rate counts as "matches"
 
-    @classmethod
-    def full(cls) -> "ExplosionConfig":
-        return override(cls(), {"depths": (10, 25, 50, 100), "widths": (128, 1024),
-                                "batch_sizes": (8, 32, 128, 512)})
+    FULL = {"depths": (10, 25, 50, 100), "widths": (128, 1024),
+            "batch_sizes": (8, 32, 128, 512)}
 
 
 _EXPLOSION_ARMS = {"plain": {"norm": "none", "residual": False},

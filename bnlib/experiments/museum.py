@@ -58,10 +58,8 @@ class MuseumConfig(Config):
     finetune_steps: int = 100
     eval_batches: tuple[int, ...] = (2, 8, 32, 512)
 
-    @classmethod
-    def full(cls) -> "MuseumConfig":
-        return override(cls(), {"dataset": "mnist5k", "train.steps": 1500, "finetune_steps": 500,
-                                "model.width": 256, "seeds": tuple(range(8))})
+    FULL = {"dataset": "mnist5k", "train.steps": 1500, "finetune_steps": 500,
+            "model.width": 256, "seeds": tuple(range(8))}
 
 
 @functools.lru_cache(maxsize=4)

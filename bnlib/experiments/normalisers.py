@@ -122,13 +122,11 @@ class NormalisersConfig(Protocol):
     gap_examples: int = 256           # test examples for the eval-mode vs train-mode gap
     margin: float = 0.02              # test-accuracy difference that matters, declared up front
 
-    @classmethod
-    def full(cls) -> "NormalisersConfig":
-        return override(cls(), {"batch_sizes": (2, 4, 8, 16, 32, 64, 128), "norms": ARMS,
-                                "every_batch": ARMS, "train.steps": 3000, "train.eval_every": 3000,
-                                "model.channels": (32, 32, 32, 32), "gap_examples": 1024,
-                                "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
-                                "tuning.seeds": (1000, 1001), "grids": {}})
+    FULL = {"batch_sizes": (2, 4, 8, 16, 32, 64, 128), "norms": ARMS,
+            "every_batch": ARMS, "train.steps": 3000, "train.eval_every": 3000,
+            "model.channels": (32, 32, 32, 32), "gap_examples": 1024,
+            "tuning.grid": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+            "tuning.seeds": (1000, 1001), "grids": {}}
 
 
 def lr_grid(cfg: NormalisersConfig, arm: str) -> tuple[float, ...]:
@@ -236,9 +234,7 @@ class StepTimeConfig(Config):
     batch_size: int = 32
     repeats: int = 15
 
-    @classmethod
-    def full(cls) -> "StepTimeConfig":
-        return override(cls(), {"repeats": 50, "model.channels": (32, 32, 32, 32)})
+    FULL = {"repeats": 50, "model.channels": (32, 32, 32, 32)}
 
 
 @register("normaliser_step_time", StepTimeConfig, chapter="19_normalisers",

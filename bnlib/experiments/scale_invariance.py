@@ -104,12 +104,10 @@ class ScaleTrainConfig(Protocol):
     # the plain net's rate, per scale; its choice may sit at the grid's edge (the chapter says why)
     tuning: Tuning = Tuning(grid=(0.001, 0.01, 0.1), seeds=(1000, 1001, 1002), allow_edge=True)
 
-    @classmethod
-    def full(cls) -> "ScaleTrainConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "train.eval_every": 250,
-                                "scales": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
-                                "tuning.grid": (1e-5, 1e-4, 0.001, 0.01, 0.1)})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "train.eval_every": 250,
+            "scales": (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
+            "tuning.grid": (1e-5, 1e-4, 0.001, 0.01, 0.1)}
 
     def prepare(self, data: Dataset) -> Dataset:
         """The inputs in ``dtype``, multiplied by ``c``."""
@@ -222,11 +220,9 @@ class ScaleTestConfig(Protocol):
     margin: float = 0.02                     # accuracy change (vs c = 1) small enough to call "unchanged"
     plain_margin: float = 0.05               # the same, for the plain net's "nearly flat"
 
-    @classmethod
-    def full(cls) -> "ScaleTestConfig":
-        return override(cls(), {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
-                                "train.eval_every": 1000,
-                                "scales": (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)})
+    FULL = {"data": "fashion_mnist", "model.width": 256, "train.steps": 3000,
+            "train.eval_every": 1000,
+            "scales": (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)}
 
 
 @register("input_scale_test", ScaleTestConfig, title="Evaluating on rescaled test inputs",

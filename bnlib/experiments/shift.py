@@ -178,11 +178,9 @@ class ShiftConfig(Config):
     priors: tuple[float, ...] = (0.0, 16.0, 128.0)
     adapt_prior: float = 0.0           # N of the whole-test-set adaptation
 
-    @classmethod
-    def full(cls) -> "ShiftConfig":
-        return cls(seeds=tuple(range(10)), n=50000, steps=3000, channels=64,
-                   test_batch_sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-                   priors=(0.0, 4.0, 16.0, 64.0, 256.0))
+    FULL = {"seeds": tuple(range(10)), "n": 50000, "steps": 3000, "channels": 64,
+            "test_batch_sizes": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            "priors": (0.0, 4.0, 16.0, 64.0, 256.0)}
 
     def conditions(self) -> list[tuple[str, float]]:
         """(shift kind, level) pairs, the unshifted test split first."""

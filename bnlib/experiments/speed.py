@@ -59,12 +59,10 @@ class SpeedConfig(Protocol):
     timing_repeats: int = 11          # interleaved repeats of one training step per arm
     timing_number: int = 3            # calls per repeat
 
-    @classmethod
-    def full(cls) -> "SpeedConfig":
-        return override(cls(), {"data": "mnist", "model.width": 512, "train.steps": 5000,
-                                "train.eval_every": 50, "train.batch_size": 128,
-                                "target": 0.97, "tuning.target": 0.97, "loss_target": 0.15,
-                                "timing_repeats": 50, "timing_number": 10})
+    FULL = {"data": "mnist", "model.width": 512, "train.steps": 5000,
+            "train.eval_every": 50, "train.batch_size": 128,
+            "target": 0.97, "tuning.target": 0.97, "loss_target": 0.15,
+            "timing_repeats": 50, "timing_number": 10}
 
 
 def step_timing(cfg: Protocol, arms: tuple[str, ...] | None = None, *, repeats: int = 15,
@@ -141,12 +139,10 @@ class IoffeConfig(Protocol):
     probe_size: int = 256             # test images in the probe batch
     unit: int = 0                     # which last-hidden-layer unit is probed
 
-    @classmethod
-    def full(cls) -> "IoffeConfig":
-        # the paper: full MNIST, 50,000 steps of 60 examples
-        return override(cls(), {"data": "mnist", "train.steps": 50000, "train.eval_every": 500,
-                                "probe_every": 1000, "probe_seeds": (0, 1, 2, 3, 4),
-                                "target": 0.95, "tuning.target": 0.95})
+    # the paper: full MNIST, 50,000 steps of 60 examples
+    FULL = {"data": "mnist", "train.steps": 50000, "train.eval_every": 500,
+            "probe_every": 1000, "probe_seeds": (0, 1, 2, 3, 4),
+            "target": 0.95, "tuning.target": 0.95}
 
 
 class _LastSigmoidInput(PercentileTracker):
