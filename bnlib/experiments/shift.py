@@ -29,13 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as datasets
+from ..data import SHIFT_KINDS, shifted
 from ..inference import recompute_batchnorm_stats
 from ..nn import BatchNorm1d, batchnorm_layers
 from ..train import resolve_device, seeded, train
 from . import Config, register
-
-SHIFT_KINDS = ("noise", "contrast", "offset")
-
 
 class CNN1d(nn.Module):
     """``layers`` × (Conv1d, stride 2 → BatchNorm1d → ReLU), then a linear classifier on the
@@ -56,23 +54,6 @@ class CNN1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x).flatten(1))
-
-
-def shifted(x: Tensor, kind: str, level: float, seed: int = 0) -> Tensor:
-    """``x`` under a test-time shift: ``"noise"`` adds Gaussian noise of std ``level``
-    (seeded: every model sees the same noisy inputs), ``"contrast"`` multiplies by ``level``,
-    ``"offset"`` adds ``level``; ``"none"`` returns ``x``. Inputs are standardised, so
-    ``level`` is in units of the data's standard deviation."""
-    if kind == "none":
-        return x
-    if kind == "noise":
-        gen = torch.Generator().manual_seed(seed)
-        return x + level * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-    if kind == "contrast":
-        return x * level
-    if kind == "offset":
-        return x + level
-    raise ValueError(f"shift kind must be 'none' or one of {SHIFT_KINDS}, got {kind!r}")
 
 
 def _weight(prior: float, n: int) -> float:
