@@ -257,7 +257,8 @@ class LogisticRegression(nn.Module):
 
 def add_shift_noise(model: Net, **noise_kwargs: float) -> Net:
     """Put a :class:`~bnlib.nn.ShiftNoise` right after every block's normaliser (in place):
-    ``block.norm`` becomes ``nn.Sequential(old_norm, ShiftNoise(...))`` (on a plain net, after the identity)."""
+    ``block.norm`` becomes ``nn.Sequential(old_norm, ShiftNoise(...))`` (on a plain net, after
+    the identity)."""
     if not isinstance(model, Net):
         raise TypeError(f"add_shift_noise needs a bnlib.models.Net, got {type(model).__name__}")
     for block in model.blocks:
