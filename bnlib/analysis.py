@@ -13,6 +13,8 @@ are every column that is not a history column.
   — paired-by-seed t-intervals, TOST with a declared margin, Holm over a family.
 * :func:`tune`, :func:`select` — choose a value on validation with seeds disjoint from the
   reporting seeds, refuse a choice at the edge of its grid, count divergence as worst.
+* :func:`reliability`, :func:`expected_calibration_error` — calibration of predicted
+  probabilities: the reliability table and its ECE.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
+from torch import Tensor
 
 __all__ = ["HISTORY_COLUMNS", "MIN_EQUIVALENCE_SEEDS", "GridEdgeError", "run_keys", "final",
            "censored_times", "time_to_target", "survival_summary", "TimeRatio", "time_ratio", "pairs", "Diff",
            "paired_difference", "Equivalence", "equivalence", "Comparison", "compare", "compare_arms", "holm",
-           "compare_family", "tune", "select"]
+           "compare_family", "tune", "select", "reliability", "expected_calibration_error"]
 
 HISTORY_COLUMNS = ("step", "split", "loss", "accuracy", "elapsed", "diverged")
 #: House rule: "no difference" is claimed only from an equivalence test on at least 8 seeds.
@@ -539,3 +543,38 @@ def select(df: pd.DataFrame, choice: pd.DataFrame, *, on: Sequence[str] | None =
         raise ValueError(f"reporting seeds {sorted(leak)} were used for tuning")
     out = df.merge(choice[on], on=on, how="inner")
     return out[out[seed].isin(seeds)].reset_index(drop=True) if seeds else out
+
+
+# --- calibration ---------------------------------------------------------------------------
+
+def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> pd.DataFrame:
+    """Reliability table: examples binned by confidence (the top probability) into
+    ``n_bins`` equal-width bins of [0, 1]; per non-empty bin ``count``, mean
+    ``confidence`` and ``accuracy``."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be ≥ 1, got {n_bins}")
+    probs, labels = torch.as_tensor(probs).detach().cpu().double(), torch.as_tensor(labels).detach().cpu()
+    if probs.dim() != 2 or labels.dim() != 1 or len(probs) != len(labels) or len(labels) == 0:
+        raise ValueError("probs must be (N, classes) and labels (N,) with N ≥ 1")
+    if not torch.isfinite(probs).all() or (probs < 0).any():
+        raise ValueError("probs must be finite and non-negative (pass softmax outputs)")
+    if not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
+        raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
+    conf, pred = probs.max(1)
+    correct = (pred == labels).double()
+    # bin b holds confidences in (b/n, (b+1)/n]; confidence 0 cannot occur for a softmax
+    bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            rows.append(dict(bin=b, lo=b / n_bins, hi=(b + 1) / n_bins, count=int(m.sum()),
+                             confidence=float(conf[m].mean()), accuracy=float(correct[m].mean())))
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """ECE = Σ_bins (n_b / N) · |accuracy_b − confidence_b| over ``n_bins`` equal-width
+    confidence bins (Guo et al. 2017's estimator). 0 is perfectly calibrated."""
+    t = reliability(probs, labels, n_bins)
+    return float((t["count"] / t["count"].sum() * (t["accuracy"] - t["confidence"]).abs()).sum())

@@ -24,19 +24,25 @@ Full-scale datasets (``mnist``, ``fashion_mnist``, ``cifar10``) are downloaded o
 :mod:`bnlib.download`.
 
 Small datasets live on the device as whole tensors and are batched by index.
+
+What chapters do to a loaded dataset: :func:`rescaled` (inputs times ``c``), :func:`shifted`
+(a test-time input shift, one of :data:`SHIFT_KINDS`) and :func:`class_sorted_batches` (a
+``sampler`` whose batches are not i.i.d.).
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "Dataset", "load", "DATASETS"]
+__all__ = ["Split", "Dataset", "load", "DATASETS", "rescaled", "SHIFT_KINDS", "shifted",
+           "class_sorted_batches"]
 
 Preprocessing = Literal["raw", "scaled", "standardized"]
 
@@ -311,3 +317,74 @@ def _preprocess(x: np.ndarray, x_train: np.ndarray, how: str, max_value: float |
         return (x - lo) / np.where(hi > lo, hi - lo, 1.0)
     mean, std = x_train.mean(axis), x_train.std(axis)
     return (x - mean) / np.where(std > 0, std, 1.0)
+
+
+# --- what the chapters do to a loaded dataset: rescale it, shift its test inputs, batch it ---
+
+def rescaled(data: Dataset, c: float, splits: Sequence[str] = ("train", "val", "test"),
+             dtype: torch.dtype | None = None) -> Dataset:
+    """``data`` with the inputs of ``splits`` multiplied by ``c`` (targets untouched), in
+    ``dtype`` if given (converted before the multiplication)."""
+    if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+        raise ValueError(f"the scale c must be a positive finite number, got {c!r}")
+    changes = {}
+    for s in ("train", "val", "test"):
+        part = data.split(s)
+        x = part.x if dtype is None else part.x.to(dtype)
+        changes[s] = Split(x * c if s in splits else x, part.y)
+    return replace(data, **changes)
+
+
+SHIFT_KINDS = ("noise", "contrast", "offset")
+
+
+def shifted(x: Tensor, kind: str, level: float, seed: int = 0) -> Tensor:
+    """``x`` under a test-time shift: ``"noise"`` adds Gaussian noise of std ``level``
+    (seeded: every model sees the same noisy inputs), ``"contrast"`` multiplies by ``level``,
+    ``"offset"`` adds ``level``; ``"none"`` returns ``x``. Inputs are standardised, so
+    ``level`` is in units of the data's standard deviation."""
+    if kind == "none":
+        return x
+    if kind == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        return x + level * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+    if kind == "contrast":
+        return x * level
+    if kind == "offset":
+        return x + level
+    raise ValueError(f"shift kind must be 'none' or one of {SHIFT_KINDS}, got {kind!r}")
+
+
+def class_sorted_batches(labels: Tensor, *, shuffle_blocks: bool = True
+                         ) -> Callable[[int, int, torch.Generator], Iterator[Tensor]]:
+    """A ``sampler`` for :func:`bnlib.train.train` whose batches are *not* i.i.d.
+
+    Every epoch: shuffle the examples within each class, lay the classes end to end in a
+    random class order, cut the sequence into consecutive blocks of ``batch_size`` (so
+    each batch holds one class, or two where it straddles a class boundary; the ragged
+    tail is dropped) and, with ``shuffle_blocks``, visit the blocks in random order (so
+    the *sequence* of batches still mixes classes; only each batch's composition is
+    skewed). Every training example is still seen once per epoch.
+    """
+    y = torch.as_tensor(labels).detach().cpu()
+    if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError("labels must be a 1-D tensor of class indices")
+    classes = torch.unique(y)
+    members = [(y == c).nonzero().squeeze(1) for c in classes]
+
+    def sampler(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+        if n != len(y):
+            raise ValueError(f"the sampler was built for {len(y)} examples, train() has {n}")
+        if not 2 <= batch_size <= n:
+            raise ValueError(f"batch_size must be in [2, {n}], got {batch_size}")
+        while True:
+            order = torch.randperm(len(classes), generator=generator)
+            seq = torch.cat([members[c][torch.randperm(len(members[c]), generator=generator)]
+                             for c in order.tolist()])
+            blocks = [seq[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+            visit = torch.randperm(len(blocks), generator=generator) if shuffle_blocks \
+                else torch.arange(len(blocks))
+            for j in visit.tolist():
+                yield blocks[j]
+
+    return sampler

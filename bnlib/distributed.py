@@ -19,7 +19,9 @@ normalises with the statistics of the whole global batch instead:
 
 Outside an initialised process group, or in a group of one, it is exactly
 :class:`bnlib.nn.BatchNorm1d`/``2d``. Unlike ``torch.nn.SyncBatchNorm`` it runs on CPU
-tensors too (gloo), which is how the tests and chapter 21 check it.
+tensors too (gloo), which is how the tests and chapter 21 check it. :func:`per_device`
+simulates the other side in one process: the per-device statistics of ``B / b`` ranks with
+slices of ``b`` examples (ghost batch norm whose running statistics follow rank 0's slice).
 
 Data-parallel training (``torchrun --nproc_per_node N ...``)::
 
@@ -48,11 +50,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .functional import _affine, _broadcast, channel_dims
-from .nn import BatchNorm1d, BatchNorm2d, _BatchNorm
+from .nn import BatchNorm1d, BatchNorm2d, _BatchNorm, use_ghost_batchnorm
 
 __all__ = ["SyncBatchNorm", "merge_moments", "sync_active", "init_from_env", "is_main", "cleanup",
            "shard", "sharded", "wrap_ddp", "average_gradients", "averaging", "scaled_loss",
-           "train_data_parallel", "launch", "free_port"]
+           "train_data_parallel", "launch", "free_port", "per_device"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -250,6 +252,15 @@ class SyncBatchNorm(_BatchNorm):
 
 
 _CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d)
+
+
+# --- per-device statistics, simulated in one process ----------------------------------
+
+def per_device(model: nn.Module, per_device_batch: int) -> nn.Module:
+    """``model`` with the batch norms of ``B / per_device_batch`` data-parallel devices:
+    ghost batch norm over ghost batches of ``per_device_batch`` whose running statistics
+    follow ghost batch 0, as rank 0's do (:class:`bnlib.nn.GhostBatchNorm`); in place."""
+    return use_ghost_batchnorm(model, per_device_batch, running_stats="first")
 
 
 # --- data-parallel training -------------------------------------------------------------

@@ -8,6 +8,11 @@ block is ``layer → norm → act`` for ``placement="before"`` (BN before the ac
 in the original paper) and ``layer → act → norm`` for ``placement="after"`` (the
 article's advice). A layer that a batch norm directly follows gets no bias: the norm's
 β replaces it.
+
+Two fixed networks sit outside that scheme: :class:`CNN1d` (strided 1-D convolutions with BN,
+then a linear classifier) and :class:`LogisticRegression` (optionally with a BN on its inputs;
+:class:`LogRegSpec` is its spec). :func:`add_shift_noise` puts a :class:`bnlib.nn.ShiftNoise`
+after every block's normaliser of a built :class:`Net`.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ from . import nn as bnn
 if TYPE_CHECKING:
     from .data import Dataset
 
-__all__ = ["Block", "Net", "mlp", "cnn", "ACTIVATIONS", "NORMS", "MLPSpec", "CNNSpec", "ModelSpec"]
+__all__ = ["Block", "Net", "mlp", "cnn", "ACTIVATIONS", "NORMS", "MLPSpec", "CNNSpec", "ModelSpec",
+           "CNN1d", "LogisticRegression", "LogRegSpec", "add_shift_noise"]
 
 Activation = Literal["relu", "sigmoid", "tanh", "gelu", "identity"]
 Norm = str  # one of NORMS
@@ -209,6 +215,57 @@ def cnn(in_channels: int, num_classes: int, *, channels: Sequence[int] = (16, 32
     return net
 
 
+# --- fixed networks: a strided 1-D CNN, logistic regression --------------------------------
+
+class CNN1d(nn.Module):
+    """``layers`` × (Conv1d, stride 2 → BatchNorm1d → ReLU), then a linear classifier on the
+    flattened features. Convolutions followed by a BN have no bias (BN's β replaces it)."""
+
+    def __init__(self, in_channels: int = 1, length: int = 40, num_classes: int = 10, *,
+                 channels: int = 32, layers: int = 3, kernel: int = 5) -> None:
+        super().__init__()
+        if min(in_channels, length, channels, layers, kernel) < 1 or num_classes < 2:
+            raise ValueError("CNN1d needs positive sizes and num_classes ≥ 2")
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks += [nn.Conv1d(in_channels if i == 0 else channels, channels, kernel, stride=2,
+                                 padding=kernel // 2, bias=False), bnn.BatchNorm1d(channels), nn.ReLU()]
+            length = (length + 2 * (kernel // 2) - kernel) // 2 + 1
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(channels * length, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression ``x ↦ W x + b``, optionally after a batch norm on the
+    input features (``input_norm=True``: ``x ↦ W BN(x) + b``); PyTorch's default init."""
+
+    def __init__(self, in_features: int, num_classes: int, *, input_norm: bool = False) -> None:
+        super().__init__()
+        if in_features < 1 or num_classes < 2:
+            raise ValueError(f"need in_features ≥ 1 and num_classes ≥ 2, got {in_features}, {num_classes}")
+        self.norm = bnn.BatchNorm1d(in_features) if input_norm else nn.Identity()
+        self.head = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(x))
+
+
+# --- inserting layers into a built Net ----------------------------------------------------
+
+def add_shift_noise(model: Net, **noise_kwargs: float) -> Net:
+    """Put a :class:`~bnlib.nn.ShiftNoise` right after every block's normaliser (in place):
+    ``block.norm`` becomes ``nn.Sequential(old_norm, ShiftNoise(...))`` (on a plain net, after
+    the identity)."""
+    if not isinstance(model, Net):
+        raise TypeError(f"add_shift_noise needs a bnlib.models.Net, got {type(model).__name__}")
+    for block in model.blocks:
+        block.norm = nn.Sequential(block.norm, bnn.ShiftNoise(**noise_kwargs))
+    return model
+
+
 # --- specs: a network described by data, built by seed ------------------------------------
 
 def _outputs(data: "Dataset") -> int:
@@ -274,6 +331,25 @@ class CNNSpec:
         torch.manual_seed(seed)
         return cnn(data.input_shape[0], _outputs(data), dims=len(data.input_shape) - 1,
                    **dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class LogRegSpec:
+    """Logistic regression as a model spec (``norm="batch"``: BN on the input features)."""
+
+    kind: ClassVar[str] = "logreg"
+    norm: str = "none"
+
+    def inputs(self, data):
+        """The data as the model reads it (flat vectors)."""
+        return data
+
+    def build(self, seed: int, data) -> LogisticRegression:
+        """The model for ``data``, initialised right after ``torch.manual_seed(seed)``."""
+        if self.norm not in ("none", "batch"):
+            raise ValueError(f"LogRegSpec.norm must be 'none' or 'batch', got {self.norm!r}")
+        torch.manual_seed(seed)
+        return LogisticRegression(data.num_features, data.num_classes, input_norm=self.norm == "batch")
 
 
 ModelSpec = MLPSpec | CNNSpec

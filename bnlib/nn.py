@@ -14,6 +14,9 @@ The conventions, spelled out because teaching code often gets them wrong:
 * ``track_running_stats=False`` keeps no buffers and always normalises with the batch;
 * the mode is the module's ``training`` flag (``model.train()`` / ``model.eval()``),
   never whether gradients are enabled.
+
+Also here: :class:`ShiftNoise`, Santurkar et al.'s injected distributional shift, a layer that
+perturbs its input in training mode only (:func:`bnlib.models.add_shift_noise` places it).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 from . import functional as F
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "GhostBatchNorm", "GhostBatchNorm1d", "use_ghost_batchnorm",
-           "convert", "batchnorm_layers", "SyncBatchNorm"]
+           "convert", "batchnorm_layers", "SyncBatchNorm", "ShiftNoise"]
 
 
 class _BatchNorm(nn.Module):
@@ -300,6 +303,41 @@ def use_ghost_batchnorm(model: nn.Module, virtual_batch_size: int = 8,
     if not replaced:
         raise ValueError("the model has no bnlib BatchNorm1d layer to turn into ghost batch norm")
     return model
+
+
+# --- injected noise (Santurkar et al., 2018) ---------------------------------------
+
+class ShiftNoise(nn.Module):
+    """Santurkar et al.'s time-varying distributional shift (their Algorithm 1).
+
+    In training mode every forward call draws fresh noise. Per unit ``j`` (per channel for
+    images): a mean shift ``μ_j ~ U(−n_mu, n_mu)`` and a scale ``σ_j ~ U(1, n_sigma)``;
+    then per example (and position) ``m ~ U(μ_j − r_mu, μ_j + r_mu)`` and
+    ``s ~ N(σ_j, r_sigma)``; the output is ``s·a + m``. In eval mode it is the identity.
+    """
+
+    def __init__(self, n_mu: float = 0.5, n_sigma: float = 1.25, r_mu: float = 0.1,
+                 r_sigma: float = 0.1) -> None:
+        super().__init__()
+        if n_mu < 0 or r_mu < 0 or r_sigma < 0:
+            raise ValueError(f"n_mu, r_mu and r_sigma must be ≥ 0, got {n_mu}, {r_mu}, {r_sigma}")
+        if n_sigma < 1:
+            raise ValueError(f"n_sigma must be ≥ 1 (σ ~ U(1, n_sigma)), got {n_sigma}")
+        self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
+
+    def forward(self, a: Tensor) -> Tensor:
+        if not self.training:
+            return a
+        if a.dim() not in (2, 4):
+            raise ValueError(f"ShiftNoise expects (N, C) or (N, C, H, W) inputs, got shape {tuple(a.shape)}")
+        c = a.shape[1]
+        shape = (1, c) + (1,) * (a.dim() - 2)
+        opts = dict(device=a.device, dtype=a.dtype)
+        mu = ((torch.rand(c, **opts) * 2 - 1) * self.n_mu).view(shape)
+        sigma = (1 + torch.rand(c, **opts) * (self.n_sigma - 1)).view(shape)
+        m = mu + (torch.rand(a.shape, **opts) * 2 - 1) * self.r_mu
+        s = sigma + torch.randn(a.shape, **opts) * self.r_sigma
+        return s * a + m
 
 
 def __getattr__(name: str):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 
 from bnlib import analysis as A
@@ -323,3 +324,20 @@ def test_tune_on_speed_with_censoring_and_divergence():
     assert A.tune(df, objective="reached", target=0.85)["lr"].tolist() == [0.1]
     with pytest.raises(ValueError, match="needs a target"):
         A.tune(df, objective="speed")
+
+
+# --- calibration -------------------------------------------------------------------------
+
+def test_ece_known_values():
+    labels = torch.tensor([0, 0, 0, 0])
+    perfect = torch.tensor([[1.0, 0.0]] * 4)
+    assert A.expected_calibration_error(perfect, labels) == pytest.approx(0.0)
+    # confidence 0.9 everywhere, half right: |0.5 − 0.9| = 0.4
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    assert A.expected_calibration_error(probs, labels) == pytest.approx(0.4)
+    t = A.reliability(probs, labels, n_bins=10)
+    assert t["count"].sum() == 4 and len(t) == 1
+    with pytest.raises(ValueError):
+        A.expected_calibration_error(torch.tensor([[2.0, -1.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError):
+        A.expected_calibration_error(perfect, torch.tensor([0, 0]))

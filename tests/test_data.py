@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from bnlib import data
+from bnlib.data import class_sorted_batches, rescaled, shifted
+from bnlib.models import mlp
+from bnlib.train import train
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +199,56 @@ def test_mnist1d_linear_model_gets_about_a_third_and_mlp_clearly_more(mnist1d):
     with torch.no_grad():
         acc_mlp = (mlp(mnist1d.test.x).argmax(1) == mnist1d.test.y).float().mean().item()
     assert acc_mlp > acc_linear + 0.12, (acc_linear, acc_mlp)
+
+
+# --- transforms and samplers: rescaled, shifted, class_sorted_batches ----------------------
+
+def test_rescaled_and_raw_digits():
+    ds = data.load("digits")
+    r = rescaled(ds, 16.0)
+    raw = data.load("digits", preprocessing="raw")
+    assert torch.allclose(r.train.x, raw.train.x) and torch.equal(r.test.y, ds.test.y)
+    only_test = rescaled(ds, 2.0, splits=("test",))
+    assert torch.equal(only_test.train.x, ds.train.x)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError):
+            rescaled(ds, bad)
+
+
+def test_shifted():
+    x = torch.randn(6, 1, 40)
+    assert shifted(x, "none", 0.0) is x
+    torch.testing.assert_close(shifted(x, "contrast", 2.0), 2 * x)
+    torch.testing.assert_close(shifted(x, "offset", 0.5), x + 0.5)
+    noisy = shifted(x, "noise", 0.5, seed=3)
+    assert torch.equal(noisy, shifted(x, "noise", 0.5, seed=3))
+    assert 0.3 < (noisy - x).std().item() < 0.7
+    with pytest.raises(ValueError, match="shift kind"):
+        shifted(x, "blur", 1.0)
+
+
+def test_class_sorted_sampler_gives_one_or_two_classes_per_batch():
+    y = torch.arange(10).repeat_interleave(13)            # 10 classes × 13 examples
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    stream = iter(class_sorted_batches(y)(len(y), 8, torch.Generator().manual_seed(1)))
+    per_epoch = len(y) // 8
+    seen = torch.cat([next(stream) for _ in range(per_epoch)])
+    assert len(set(seen.tolist())) == per_epoch * 8        # an epoch visits distinct examples
+    for _ in range(3 * per_epoch):
+        b = next(stream)
+        assert len(b) == 8 and len(torch.unique(y[b])) <= 2
+    with pytest.raises(ValueError):
+        class_sorted_batches(torch.randn(5))
+    with pytest.raises(ValueError):
+        next(iter(class_sorted_batches(y)(len(y) + 1, 8, torch.Generator())))
+
+
+def test_train_accepts_the_sampler_and_is_reproducible():
+    ds = data.load("digits")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = mlp(64, 10, depth=1, width=16, norm="batch")
+        runs.append(train(net, ds, steps=5, batch_size=16, seed=0, show_progress=False,
+                          sampler=class_sorted_batches(ds.train.y)))
+    assert runs[0]["loss"].tolist() == runs[1]["loss"].tolist()

@@ -26,8 +26,8 @@ from torch import nn
 from bnlib import distributed as D
 from bnlib import nn as bnn
 from bnlib.data import Dataset, Split
-from bnlib.distributed import SyncBatchNorm, launch, merge_moments, shard
-from bnlib.nn import use_ghost_batchnorm
+from bnlib.distributed import SyncBatchNorm, launch, merge_moments, per_device, shard
+from bnlib.nn import GhostBatchNorm, use_ghost_batchnorm
 from bnlib.models import mlp
 from bnlib.train import batches, seeded, train
 
@@ -253,6 +253,27 @@ def test_shard_and_sampler():
     assert torch.equal(next(iter(D.sharded(1, 2)(20, 8, g1))), full[4:])
     with pytest.raises(ValueError, match="fewer than 2"):
         next(iter(D.sharded(0, 4)(20, 6, g1)))
+
+
+def test_per_device_is_ghost_bn_with_rank0_running_stats():
+    """``per_device(net, B/k)``: every slice normalised on its own (as ``k`` devices do), the
+    running statistics those of a plain torch BN that saw slice 0 only (rank 0's buffers)."""
+    torch.manual_seed(0)
+    net = mlp(6, 3, depth=2, width=5, norm="batch").double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    per_device(net, 4)
+    norm = net.blocks[0].norm
+    assert isinstance(norm, GhostBatchNorm) and norm.running_stats == "first"
+    assert norm.weight.dtype == torch.float64
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+    x = torch.randn(12, 5, dtype=torch.float64) * 2 + 3
+    y = norm(x)
+    rank0 = torch.nn.BatchNorm1d(5, dtype=torch.float64)
+    for i, (cx, cy) in enumerate(zip(x.split(4), y.split(4))):
+        torch.testing.assert_close(cy, (rank0 if i == 0 else torch.nn.BatchNorm1d(5).double())(cx))
+    torch.testing.assert_close(norm.running_mean, rank0.running_mean)
+    torch.testing.assert_close(norm.running_var, rank0.running_var)
+    assert int(norm.num_batches_tracked) == 1
 
 
 # --- data-parallel training ------------------------------------------------------------

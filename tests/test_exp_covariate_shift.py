@@ -13,47 +13,7 @@ from bnlib.config import override
 from bnlib.experiments import covariate_shift as cs
 from bnlib.models import MLPSpec, mlp
 from bnlib.protocol import load_data
-from bnlib.nn import BatchNorm1d
-
-
-def test_shift_noise_is_identity_in_eval_mode_and_fresh_in_train_mode():
-    noise = cs.ShiftNoise()
-    x = torch.randn(32, 5)
-    assert torch.equal(noise.eval()(x), x)
-    noise.train()
-    a, b = noise(x), noise(x)
-    assert not torch.allclose(a, x) and not torch.allclose(a, b)  # new noise at every call
-
-
-def test_shift_noise_follows_santurkar_ranges():
-    torch.manual_seed(0)
-    noise = cs.ShiftNoise(n_mu=0.5, n_sigma=1.25, r_mu=0.1, r_sigma=0.0).train()
-    zeros = noise(torch.zeros(4000, 3))          # output = m: within μ ± r_mu, |μ| ≤ n_mu
-    assert zeros.abs().max() <= 0.6 + 1e-6
-    assert (zeros.max(0).values - zeros.min(0).values <= 0.2 + 1e-6).all()  # one μ per unit
-    ones = noise(torch.ones(4000, 3))            # s + m with s = σ ∈ [1, 1.25] (r_sigma = 0)
-    assert ones.min() >= 1 - 0.6 - 1e-6 and ones.max() <= 1.25 + 0.6 + 1e-6
-    images = cs.ShiftNoise().train()(torch.zeros(2, 3, 4, 4))
-    assert images.shape == (2, 3, 4, 4)
-
-
-def test_shift_noise_rejects_bad_settings():
-    with pytest.raises(ValueError, match="n_sigma"):
-        cs.ShiftNoise(n_sigma=0.5)
-    with pytest.raises(ValueError, match="≥ 0"):
-        cs.ShiftNoise(n_mu=-1)
-    with pytest.raises(ValueError, match="inputs"):
-        cs.ShiftNoise().train()(torch.zeros(2, 3, 4))
-
-
-def test_add_shift_noise_wraps_every_norm():
-    net = cs.add_shift_noise(mlp(6, 3, depth=2, width=8, norm="batch"))
-    for block in net.blocks:
-        assert isinstance(block.norm, nn.Sequential)
-        assert isinstance(block.norm[0], BatchNorm1d) and isinstance(block.norm[1], cs.ShiftNoise)
-    assert net(torch.randn(5, 6)).shape == (5, 3)
-    with pytest.raises(TypeError):
-        cs.add_shift_noise(nn.Linear(2, 2))
+from bnlib.nn import ShiftNoise
 
 
 def test_noisy_spec_builds_paired_nets_with_noise():
@@ -62,7 +22,7 @@ def test_noisy_spec_builds_paired_nets_with_noise():
     quiet, noisy = cs.NoisySpec(MLPSpec(depth=2, width=8)), cs.NoisySpec(MLPSpec(depth=2, width=8), noise=True)
     a, b = quiet.build(0, ds), noisy.build(0, ds)
     assert torch.equal(a.blocks[0].layer.weight, b.blocks[0].layer.weight)  # same init stream
-    assert isinstance(b.blocks[1].norm[1], cs.ShiftNoise) and isinstance(a.blocks[1].norm, nn.Identity)
+    assert isinstance(b.blocks[1].norm[1], ShiftNoise) and isinstance(a.blocks[1].norm, nn.Identity)
 
 
 def test_shift_probe_records_moments_and_bn_guarantee():

@@ -2,36 +2,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bnlib import experiments
 from bnlib.analysis import pairs
 from bnlib.config import override
-from bnlib.experiments.devices import (DevicesConfig, across_devices, fit_devices, per_device,
-                                       real_runs_match, sync_cost)
-from bnlib.models import mlp
-from bnlib.nn import GhostBatchNorm
-
-
-def test_per_device_is_ghost_bn_with_rank0_running_stats():
-    """``per_device(net, B/k)``: every slice normalised on its own (as ``k`` devices do), the
-    running statistics those of a plain torch BN that saw slice 0 only (rank 0's buffers)."""
-    torch.manual_seed(0)
-    net = mlp(6, 3, depth=2, width=5, norm="batch").double()
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    per_device(net, 4)
-    norm = net.blocks[0].norm
-    assert isinstance(norm, GhostBatchNorm) and norm.running_stats == "first"
-    assert norm.weight.dtype == torch.float64
-    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
-    x = torch.randn(12, 5, dtype=torch.float64) * 2 + 3
-    y = norm(x)
-    rank0 = torch.nn.BatchNorm1d(5, dtype=torch.float64)
-    for i, (cx, cy) in enumerate(zip(x.split(4), y.split(4))):
-        torch.testing.assert_close(cy, (rank0 if i == 0 else torch.nn.BatchNorm1d(5).double())(cx))
-    torch.testing.assert_close(norm.running_mean, rank0.running_mean)
-    torch.testing.assert_close(norm.running_var, rank0.running_var)
-    assert int(norm.num_batches_tracked) == 1
+from bnlib.experiments.devices import (DevicesConfig, across_devices, fit_devices, real_runs_match,
+                                       sync_cost)
 
 
 def test_fit_and_sweep_tiny():

@@ -1,4 +1,4 @@
-"""Mechanics of chapter 17's experiment (tiny config) and the calibration helpers."""
+"""Mechanics of chapter 17's experiment (tiny config)."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +7,8 @@ from torch import nn
 
 from bnlib import data as datasets
 from bnlib.config import override
-from bnlib.experiments.input_output import (ARMS, IOConfig, IOSpec, expected_calibration_error,
-                                            extreme_inputs, final_table, input_gains,
-                                            input_output, reliability, rerun_with_layer,
-                                            train_one)
+from bnlib.experiments.input_output import (ARMS, IOConfig, IOSpec, extreme_inputs, final_table,
+                                            input_gains, input_output, rerun_with_layer, train_one)
 from bnlib.models import MLPSpec
 
 DIGITS = datasets.load("digits", preprocessing="raw")
@@ -19,21 +17,6 @@ DIGITS = datasets.load("digits", preprocessing="raw")
 def build_model(arm, width=16, norm_impl="torch"):
     return IOSpec(net=MLPSpec(depth=2, width=width, norm="batch", norm_impl=norm_impl),
                   extra=arm).build(0, DIGITS)
-
-
-def test_ece_known_values():
-    labels = torch.tensor([0, 0, 0, 0])
-    perfect = torch.tensor([[1.0, 0.0]] * 4)
-    assert expected_calibration_error(perfect, labels) == pytest.approx(0.0)
-    # confidence 0.9 everywhere, half right: |0.5 − 0.9| = 0.4
-    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
-    assert expected_calibration_error(probs, labels) == pytest.approx(0.4)
-    t = reliability(probs, labels, n_bins=10)
-    assert t["count"].sum() == 4 and len(t) == 1
-    with pytest.raises(ValueError):
-        expected_calibration_error(torch.tensor([[2.0, -1.0]]), torch.tensor([0]))
-    with pytest.raises(ValueError):
-        expected_calibration_error(perfect, torch.tensor([0, 0]))
 
 
 def test_build_model_arms():

@@ -11,7 +11,7 @@ from bnlib.experiments import get
 from bnlib.config import override
 from bnlib.experiments.scale_invariance import (FirstEpsMLPSpec, ScaleTestConfig, ScaleTrainConfig,
                                                 final_accuracy, input_scale_test, input_scale_train,
-                                                rescaled, trajectory_gap)
+                                                trajectory_gap)
 from bnlib.protocol import load_data, rows
 
 
@@ -21,16 +21,8 @@ def test_registered():
     assert ScaleTrainConfig.full().train.steps > ScaleTrainConfig.quick().train.steps
 
 
-def test_rescaled_and_raw_digits():
+def test_train_config_feeds_rescaled_float64_digits():
     ds = datasets.load("digits")
-    r = rescaled(ds, 16.0)
-    raw = datasets.load("digits", preprocessing="raw")
-    assert torch.allclose(r.train.x, raw.train.x) and torch.equal(r.test.y, ds.test.y)
-    only_test = rescaled(ds, 2.0, splits=("test",))
-    assert torch.equal(only_test.train.x, ds.train.x)
-    for bad in (0.0, -1.0, float("inf")):
-        with pytest.raises(ValueError):
-            rescaled(ds, bad)
     fed = load_data(override(ScaleTrainConfig(), {"c": 100.0}))  # the config's prepare: float64, × c
     assert fed.train.x.dtype == torch.float64 and torch.allclose(fed.train.x, ds.train.x.double() * 100)
 

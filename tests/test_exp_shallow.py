@@ -3,30 +3,14 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from bnlib import experiments
 from bnlib.config import override
-from bnlib.experiments.shallow import (LogisticRegression, LogRegSpec, ShallowConfig, as_of, choices,
-                                       reported, rows, shallow_nets)
-from bnlib.nn import BatchNorm1d
+from bnlib.experiments.shallow import ShallowConfig, as_of, choices, reported, rows, shallow_nets
 
 TINY = {"datasets": ("wine",), "logreg_on": ("wine",), "train.steps": 4, "train.eval_every": 2,
         "early_step": 2, "model.width": 8, "seeds": (0, 1), "tuning.seeds": (10,),
         "tuning.allow_edge": True, "tuning.grid": (0.05, 0.2)}
-
-
-def test_logistic_regression_and_spec():
-    plain, with_bn = LogisticRegression(5, 3), LogisticRegression(5, 3, input_norm=True)
-    assert isinstance(with_bn.norm, BatchNorm1d) and not isinstance(plain.norm, BatchNorm1d)
-    x = torch.randn(8, 5)
-    assert plain(x).shape == with_bn(x).shape == (8, 3)
-    out = with_bn.train().norm(x * 100 + 7)  # input BN: the classifier sees standardised features
-    torch.testing.assert_close(out.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError):
-        LogisticRegression(5, 1)
-    with pytest.raises(ValueError, match="norm"):
-        LogRegSpec(norm="layer").build(0, None)
 
 
 def test_as_of_uses_no_later_information():

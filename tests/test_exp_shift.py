@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from bnlib import experiments
-from bnlib.experiments.shift import (CNN1d, ShiftConfig, _mixed_hook, adapt_batchnorm_stats,
-                                     bn_under_shift, grouped_accuracy, shifted)
+from bnlib.experiments.shift import (ShiftConfig, _mixed_hook, adapt_batchnorm_stats,
+                                     bn_under_shift, grouped_accuracy)
 from bnlib.inference import batch_statistics, recompute_batchnorm_stats
+from bnlib.models import CNN1d
 from bnlib.nn import BatchNorm1d, batchnorm_layers
 
 
@@ -22,29 +23,6 @@ def _trained_net(seed: int = 0) -> CNN1d:
     for _ in range(5):
         net(torch.randn(16, 1, 40) * 2 + 1)
     return net.eval()
-
-
-def test_cnn1d_shapes_and_layers():
-    net = CNN1d(channels=8)
-    assert net(torch.randn(5, 1, 40)).shape == (5, 10)
-    assert len(batchnorm_layers(net)) == 3
-    assert all(isinstance(b, BatchNorm1d) for b in batchnorm_layers(net))
-    assert all(m.bias is None for m in net.modules() if isinstance(m, torch.nn.Conv1d))
-    assert CNN1d(2, 33, 4, channels=3, layers=2, kernel=3)(torch.randn(2, 2, 33)).shape == (2, 4)
-    with pytest.raises(ValueError):
-        CNN1d(num_classes=1)
-
-
-def test_shifted():
-    x = torch.randn(6, 1, 40)
-    assert shifted(x, "none", 0.0) is x
-    torch.testing.assert_close(shifted(x, "contrast", 2.0), 2 * x)
-    torch.testing.assert_close(shifted(x, "offset", 0.5), x + 0.5)
-    noisy = shifted(x, "noise", 0.5, seed=3)
-    assert torch.equal(noisy, shifted(x, "noise", 0.5, seed=3))
-    assert 0.3 < (noisy - x).std().item() < 0.7
-    with pytest.raises(ValueError, match="shift kind"):
-        shifted(x, "blur", 1.0)
 
 
 def _outputs_with_hooks(net, x, group, w):

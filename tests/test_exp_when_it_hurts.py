@@ -4,13 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bnlib import data as datasets
 from bnlib.config import override
-from bnlib.experiments.when_it_hurts import (NonIIDConfig, SmallBatchConfig, class_sorted_batches,
-                                             final_table, non_iid_batches, pooled_values,
-                                             small_batches, two_sample_normalisation)
-from bnlib.models import mlp
-from bnlib.train import train
+from bnlib.experiments.when_it_hurts import (NonIIDConfig, SmallBatchConfig, final_table,
+                                             non_iid_batches, pooled_values, small_batches,
+                                             two_sample_normalisation)
 
 
 def test_two_examples_normalise_to_plus_minus_one():
@@ -27,33 +24,6 @@ def test_pooled_values():
     assert pooled_values(2, conv=True, height=8, width=8) == 128
     with pytest.raises(ValueError):
         pooled_values(0)
-
-
-def test_class_sorted_sampler_gives_one_or_two_classes_per_batch():
-    y = torch.arange(10).repeat_interleave(13)            # 10 classes × 13 examples
-    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
-    stream = iter(class_sorted_batches(y)(len(y), 8, torch.Generator().manual_seed(1)))
-    per_epoch = len(y) // 8
-    seen = torch.cat([next(stream) for _ in range(per_epoch)])
-    assert len(set(seen.tolist())) == per_epoch * 8        # an epoch visits distinct examples
-    for _ in range(3 * per_epoch):
-        b = next(stream)
-        assert len(b) == 8 and len(torch.unique(y[b])) <= 2
-    with pytest.raises(ValueError):
-        class_sorted_batches(torch.randn(5))
-    with pytest.raises(ValueError):
-        next(iter(class_sorted_batches(y)(len(y) + 1, 8, torch.Generator())))
-
-
-def test_train_accepts_the_sampler_and_is_reproducible():
-    ds = datasets.load("digits")
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        net = mlp(64, 10, depth=1, width=16, norm="batch")
-        runs.append(train(net, ds, steps=5, batch_size=16, seed=0, show_progress=False,
-                          sampler=class_sorted_batches(ds.train.y)))
-    assert runs[0]["loss"].tolist() == runs[1]["loss"].tolist()
 
 
 def test_small_batches_tiny():

@@ -7,6 +7,8 @@ from torch import nn
 
 from bnlib import models
 from bnlib import nn as bnn
+from bnlib.models import CNN1d, LogisticRegression, LogRegSpec, add_shift_noise
+from bnlib.nn import BatchNorm1d, batchnorm_layers
 
 
 def _order(block, x):
@@ -165,3 +167,39 @@ def test_cnn_forward_and_pooling():
     no_pool = models.cnn(3, 4, channels=(4, 4), pool_every=0)
     assert all(isinstance(b.pool, nn.Identity) for b in no_pool.blocks)
     assert no_pool(torch.randn(2, 3, 6, 6)).shape == (2, 4)
+
+
+# --- fixed networks (CNN1d, logistic regression) and add_shift_noise ----------------------
+
+def test_cnn1d_shapes_and_layers():
+    net = CNN1d(channels=8)
+    assert net(torch.randn(5, 1, 40)).shape == (5, 10)
+    assert len(batchnorm_layers(net)) == 3
+    assert all(isinstance(b, BatchNorm1d) for b in batchnorm_layers(net))
+    assert all(m.bias is None for m in net.modules() if isinstance(m, torch.nn.Conv1d))
+    assert CNN1d(2, 33, 4, channels=3, layers=2, kernel=3)(torch.randn(2, 2, 33)).shape == (2, 4)
+    with pytest.raises(ValueError):
+        CNN1d(num_classes=1)
+
+
+def test_logistic_regression_and_spec():
+    plain, with_bn = LogisticRegression(5, 3), LogisticRegression(5, 3, input_norm=True)
+    assert isinstance(with_bn.norm, BatchNorm1d) and not isinstance(plain.norm, BatchNorm1d)
+    x = torch.randn(8, 5)
+    assert plain(x).shape == with_bn(x).shape == (8, 3)
+    out = with_bn.train().norm(x * 100 + 7)  # input BN: the classifier sees standardised features
+    torch.testing.assert_close(out.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        LogisticRegression(5, 1)
+    with pytest.raises(ValueError, match="norm"):
+        LogRegSpec(norm="layer").build(0, None)
+
+
+def test_add_shift_noise_wraps_every_norm():
+    net = add_shift_noise(models.mlp(6, 3, depth=2, width=8, norm="batch"))
+    for block in net.blocks:
+        assert isinstance(block.norm, nn.Sequential)
+        assert isinstance(block.norm[0], BatchNorm1d) and isinstance(block.norm[1], bnn.ShiftNoise)
+    assert net(torch.randn(5, 6)).shape == (5, 3)
+    with pytest.raises(TypeError):
+        add_shift_noise(nn.Linear(2, 2))

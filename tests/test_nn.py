@@ -297,6 +297,38 @@ def test_constructor_validation():
         bnn.BatchNorm1d(3, eps=0)
 
 
+# --- ShiftNoise (Santurkar et al.'s injected shift) ----------------------------------------
+
+def test_shift_noise_is_identity_in_eval_mode_and_fresh_in_train_mode():
+    noise = bnn.ShiftNoise()
+    x = torch.randn(32, 5)
+    assert torch.equal(noise.eval()(x), x)
+    noise.train()
+    a, b = noise(x), noise(x)
+    assert not torch.allclose(a, x) and not torch.allclose(a, b)  # new noise at every call
+
+
+def test_shift_noise_follows_santurkar_ranges():
+    torch.manual_seed(0)
+    noise = bnn.ShiftNoise(n_mu=0.5, n_sigma=1.25, r_mu=0.1, r_sigma=0.0).train()
+    zeros = noise(torch.zeros(4000, 3))          # output = m: within μ ± r_mu, |μ| ≤ n_mu
+    assert zeros.abs().max() <= 0.6 + 1e-6
+    assert (zeros.max(0).values - zeros.min(0).values <= 0.2 + 1e-6).all()  # one μ per unit
+    ones = noise(torch.ones(4000, 3))            # s + m with s = σ ∈ [1, 1.25] (r_sigma = 0)
+    assert ones.min() >= 1 - 0.6 - 1e-6 and ones.max() <= 1.25 + 0.6 + 1e-6
+    images = bnn.ShiftNoise().train()(torch.zeros(2, 3, 4, 4))
+    assert images.shape == (2, 3, 4, 4)
+
+
+def test_shift_noise_rejects_bad_settings():
+    with pytest.raises(ValueError, match="n_sigma"):
+        bnn.ShiftNoise(n_sigma=0.5)
+    with pytest.raises(ValueError, match="≥ 0"):
+        bnn.ShiftNoise(n_mu=-1)
+    with pytest.raises(ValueError, match="inputs"):
+        bnn.ShiftNoise().train()(torch.zeros(2, 3, 4))
+
+
 # --- CUDA (run on a GPU machine) ------------------------------------------------------------
 
 @pytest.mark.cuda

@@ -1,8 +1,8 @@
 """Chapter 6: internal covariate shift (ICS), measured two ways (Santurkar et al. 2018).
 
 * ``noisy_bn`` — *distributional* shift. Four arms train the same network: plain, BN,
-  "noisy BN" (BN followed by :class:`ShiftNoise`, a per-unit shift and rescale drawn afresh
-  at every step, Santurkar's Algorithm 1) and plain + the same noise. :class:`ShiftProbe`
+  "noisy BN" (BN followed by :class:`~bnlib.nn.ShiftNoise`, a per-unit shift and rescale drawn
+  afresh at every step, Santurkar's Algorithm 1) and plain + the same noise. :class:`ShiftProbe`
   measures how much one layer's pre-activation distribution moves between probes.
 * ``ics_gradient`` — *gradient-based* ICS (Santurkar's Definition 2.1): ``G`` = ∂L/∂W_i at
   the current parameters, ``G′`` = the same gradient on the same batch after every layer
@@ -29,67 +29,25 @@ from torch.func import functional_call
 
 from .. import analysis
 from .. import data as datasets
-from ..models import CNNSpec, MLPSpec, Net
+from ..models import CNNSpec, MLPSpec, Net, add_shift_noise
 from ..nn import batchnorm_layers
 from ..probes import Probe, capture, frozen_batchnorm_buffers
 from ..protocol import Protocol, probed
 from ..train import TrainSpec, loss_fn
 from . import register
 
-__all__ = ["ShiftNoise", "add_shift_noise", "NoisySpec", "ShiftProbe", "NoisyBNConfig", "noisy_bn",
+__all__ = ["NoisySpec", "ShiftProbe", "NoisyBNConfig", "noisy_bn",
            "run_summary", "plot_shift", "plot_unit_percentiles", "layer_groups", "ics_measure",
            "ICSProbe", "ICSConfig", "ics_gradient", "ics_summary", "plot_ics"]
 
 
 # --- the injected shift ---------------------------------------------------------------
 
-class ShiftNoise(nn.Module):
-    """Santurkar et al.'s time-varying distributional shift (their Algorithm 1).
-
-    In training mode every forward call draws fresh noise. Per unit ``j`` (per channel for
-    images): a mean shift ``μ_j ~ U(−n_mu, n_mu)`` and a scale ``σ_j ~ U(1, n_sigma)``;
-    then per example (and position) ``m ~ U(μ_j − r_mu, μ_j + r_mu)`` and
-    ``s ~ N(σ_j, r_sigma)``; the output is ``s·a + m``. In eval mode it is the identity.
-    """
-
-    def __init__(self, n_mu: float = 0.5, n_sigma: float = 1.25, r_mu: float = 0.1,
-                 r_sigma: float = 0.1) -> None:
-        super().__init__()
-        if n_mu < 0 or r_mu < 0 or r_sigma < 0:
-            raise ValueError(f"n_mu, r_mu and r_sigma must be ≥ 0, got {n_mu}, {r_mu}, {r_sigma}")
-        if n_sigma < 1:
-            raise ValueError(f"n_sigma must be ≥ 1 (σ ~ U(1, n_sigma)), got {n_sigma}")
-        self.n_mu, self.n_sigma, self.r_mu, self.r_sigma = n_mu, n_sigma, r_mu, r_sigma
-
-    def forward(self, a: Tensor) -> Tensor:
-        if not self.training:
-            return a
-        if a.dim() not in (2, 4):
-            raise ValueError(f"ShiftNoise expects (N, C) or (N, C, H, W) inputs, got shape {tuple(a.shape)}")
-        c = a.shape[1]
-        shape = (1, c) + (1,) * (a.dim() - 2)
-        opts = dict(device=a.device, dtype=a.dtype)
-        mu = ((torch.rand(c, **opts) * 2 - 1) * self.n_mu).view(shape)
-        sigma = (1 + torch.rand(c, **opts) * (self.n_sigma - 1)).view(shape)
-        m = mu + (torch.rand(a.shape, **opts) * 2 - 1) * self.r_mu
-        s = sigma + torch.randn(a.shape, **opts) * self.r_sigma
-        return s * a + m
-
-
-def add_shift_noise(model: Net, **noise_kwargs: float) -> Net:
-    """Put a :class:`ShiftNoise` right after every block's normaliser (in place): ``block.norm``
-    becomes ``nn.Sequential(old_norm, ShiftNoise(...))`` (on a plain net, after the identity)."""
-    if not isinstance(model, Net):
-        raise TypeError(f"add_shift_noise needs a bnlib.models.Net, got {type(model).__name__}")
-    for block in model.blocks:
-        block.norm = nn.Sequential(block.norm, ShiftNoise(**noise_kwargs))
-    return model
-
-
 @dataclass(frozen=True)
 class NoisySpec:
-    """A model spec (``net``) with, when ``noise`` is set, :class:`ShiftNoise` after every
-    block's normaliser. Arms set ``model.net.norm`` and ``model.noise``."""
+    """A model spec (``net``) with, when ``noise`` is set, :class:`~bnlib.nn.ShiftNoise` after
+    every block's normaliser (:func:`bnlib.models.add_shift_noise`). Arms set ``model.net.norm``
+    and ``model.noise``."""
 
     net: MLPSpec | CNNSpec = MLPSpec()
     noise: bool = False

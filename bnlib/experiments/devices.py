@@ -35,12 +35,13 @@ from torch import nn
 from .. import data as datasets
 from .. import distributed as D
 from .. import progress
+from ..distributed import per_device
 from ..models import MLPSpec, mlp
 from ..nn import BatchNorm1d, BatchNorm2d, use_ghost_batchnorm
 from ..train import TrainSpec, fit, seeded, train
 from . import Config, register
 
-__all__ = ["per_device", "PerDeviceMLPSpec", "DevicesConfig", "fit_devices", "across_devices",
+__all__ = ["PerDeviceMLPSpec", "DevicesConfig", "fit_devices", "across_devices",
            "real_runs_match", "sync_cost", "plot_devices"]
 
 
@@ -49,17 +50,11 @@ def _load(name: str) -> datasets.Dataset:
     return datasets.load(name)
 
 
-def per_device(model: nn.Module, per_device_batch: int) -> nn.Module:
-    """``model`` with the batch norms of ``B / per_device_batch`` data-parallel devices:
-    ghost batch norm over ghost batches of ``per_device_batch`` whose running statistics
-    follow ghost batch 0, as rank 0's do (:class:`bnlib.nn.GhostBatchNorm`); in place."""
-    return use_ghost_batchnorm(model, per_device_batch, running_stats="first")
-
-
 @dataclass(frozen=True)
 class PerDeviceMLPSpec(MLPSpec):
     """A BN MLP whose batch norms compute what ``devices`` data-parallel devices do with
-    slices of ``per_device_batch`` examples (:func:`per_device`; ``devices=1``: plain BN)."""
+    slices of ``per_device_batch`` examples (:func:`bnlib.distributed.per_device`;
+    ``devices=1``: plain BN)."""
 
     kind: ClassVar[str] = "per-device mlp"
     norm: str = "batch"

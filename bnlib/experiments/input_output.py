@@ -10,8 +10,8 @@ One experiment, ``input_output``: a BN MLP on *raw* digits (pixels 0–16) with 
 
 each at its own learning rate (tuned on the validation *loss* with tuning seeds that are never
 reported: the question is about loss and calibration), then 8 paired reported seeds. Every run reports test accuracy, loss and the
-expected calibration error (:func:`expected_calibration_error`), and for the input-BN arm
-how strongly its running statistics amplify each pixel (:func:`input_gains`).
+expected calibration error (:func:`bnlib.analysis.expected_calibration_error`), and for the
+input-BN arm how strongly its running statistics amplify each pixel (:func:`input_gains`).
 
 Why input BN can hurt: a pixel that is (almost) always 0 in training has a running
 variance near 0, so at test time BN multiplies it by ``1/√(var + ε)``, up to ``1/√ε ≈
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .. import data as datasets
 from .. import nn as bnn
+from ..analysis import expected_calibration_error
 from ..config import override
 from ..models import MLPSpec
 from ..protocol import Protocol, Tuning, arm_config, choose, load_data
@@ -38,41 +39,6 @@ from ..train import TrainSpec, fit
 from . import register
 
 ARMS = ("no extra BN", "input BN", "output BN (affine)", "output BN (no affine)")
-
-
-# --- calibration --------------------------------------------------------------------------
-
-def reliability(probs: Tensor, labels: Tensor, n_bins: int = 15) -> pd.DataFrame:
-    """Reliability table: examples binned by confidence (the top probability) into
-    ``n_bins`` equal-width bins of [0, 1]; per non-empty bin ``count``, mean
-    ``confidence`` and ``accuracy``."""
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be ≥ 1, got {n_bins}")
-    probs, labels = torch.as_tensor(probs).detach().cpu().double(), torch.as_tensor(labels).detach().cpu()
-    if probs.dim() != 2 or labels.dim() != 1 or len(probs) != len(labels) or len(labels) == 0:
-        raise ValueError("probs must be (N, classes) and labels (N,) with N ≥ 1")
-    if not torch.isfinite(probs).all() or (probs < 0).any():
-        raise ValueError("probs must be finite and non-negative (pass softmax outputs)")
-    if not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
-        raise ValueError("each row of probs must sum to 1 (pass softmax outputs, not logits)")
-    conf, pred = probs.max(1)
-    correct = (pred == labels).double()
-    # bin b holds confidences in (b/n, (b+1)/n]; confidence 0 cannot occur for a softmax
-    bins = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            rows.append(dict(bin=b, lo=b / n_bins, hi=(b + 1) / n_bins, count=int(m.sum()),
-                             confidence=float(conf[m].mean()), accuracy=float(correct[m].mean())))
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
-    """ECE = Σ_bins (n_b / N) · |accuracy_b − confidence_b| over ``n_bins`` equal-width
-    confidence bins (Guo et al. 2017's estimator). 0 is perfectly calibrated."""
-    t = reliability(probs, labels, n_bins)
-    return float((t["count"] / t["count"].sum() * (t["accuracy"] - t["confidence"]).abs()).sum())
 
 
 # --- models ---------------------------------------------------------------------------------

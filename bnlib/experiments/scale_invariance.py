@@ -28,7 +28,7 @@ import torch
 
 from .. import analysis
 from ..config import override
-from ..data import Dataset, Split
+from ..data import Dataset, rescaled
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
 from ..nn import batchnorm_layers
@@ -37,23 +37,9 @@ from ..protocol import Protocol, Tuning, probed, rows, trained, tuned
 from ..train import TrainSpec
 from . import register
 
-__all__ = ["rescaled", "FirstEpsMLPSpec", "ScaleTrainConfig", "ScaleTestConfig",
+__all__ = ["FirstEpsMLPSpec", "ScaleTrainConfig", "ScaleTestConfig",
            "input_scale_train", "input_scale_test", "trajectory_gap", "final_accuracy",
            "plot_trajectories", "plot_scale_test"]
-
-
-def rescaled(data: Dataset, c: float, splits: Sequence[str] = ("train", "val", "test"),
-             dtype: torch.dtype | None = None) -> Dataset:
-    """``data`` with the inputs of ``splits`` multiplied by ``c`` (targets untouched), in
-    ``dtype`` if given (converted before the multiplication)."""
-    if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
-        raise ValueError(f"the scale c must be a positive finite number, got {c!r}")
-    changes = {}
-    for s in ("train", "val", "test"):
-        part = data.split(s)
-        x = part.x if dtype is None else part.x.to(dtype)
-        changes[s] = Split(x * c if s in splits else x, part.y)
-    return dataclasses.replace(data, **changes)
 
 
 @dataclass(frozen=True)

@@ -9,59 +9,23 @@ choice for the early horizon uses only what the tuning runs showed up to that st
 each horizon's choice.
 
 For logistic regression "with BN" means a batch norm on the input features followed by the
-linear classifier (:class:`LogRegSpec` with ``norm="batch"``): with no hidden layer that is the
-only place a BN can go, the learned, batch-estimated version of standardising the inputs.
+linear classifier (:class:`bnlib.models.LogRegSpec` with ``norm="batch"``): with no hidden
+layer that is the only place a BN can go, the learned, batch-estimated version of
+standardising the inputs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import pandas as pd
-import torch
-from torch import Tensor, nn
 
 from .. import analysis
 from ..config import override
-from ..models import CNNSpec, MLPSpec
-from ..nn import BatchNorm1d
+from ..models import CNNSpec, LogRegSpec, MLPSpec
 from ..protocol import Protocol, Tuning, rows, runs
 from ..train import TrainSpec
 from . import register
-
-
-class LogisticRegression(nn.Module):
-    """Multinomial logistic regression ``x ↦ W x + b``, optionally after a batch norm on the
-    input features (``input_norm=True``: ``x ↦ W BN(x) + b``); PyTorch's default init."""
-
-    def __init__(self, in_features: int, num_classes: int, *, input_norm: bool = False) -> None:
-        super().__init__()
-        if in_features < 1 or num_classes < 2:
-            raise ValueError(f"need in_features ≥ 1 and num_classes ≥ 2, got {in_features}, {num_classes}")
-        self.norm = BatchNorm1d(in_features) if input_norm else nn.Identity()
-        self.head = nn.Linear(in_features, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.norm(x))
-
-
-@dataclass(frozen=True)
-class LogRegSpec:
-    """Logistic regression as a model spec (``norm="batch"``: BN on the input features)."""
-
-    kind: ClassVar[str] = "logreg"
-    norm: str = "none"
-
-    def inputs(self, data):
-        """The data as the model reads it (flat vectors)."""
-        return data
-
-    def build(self, seed: int, data) -> LogisticRegression:
-        """The model for ``data``, initialised right after ``torch.manual_seed(seed)``."""
-        if self.norm not in ("none", "batch"):
-            raise ValueError(f"LogRegSpec.norm must be 'none' or 'batch', got {self.norm!r}")
-        torch.manual_seed(seed)
-        return LogisticRegression(data.num_features, data.num_classes, input_norm=self.norm == "batch")
 
 
 def _arms() -> dict[str, dict[str, Any]]:

@@ -1,8 +1,9 @@
 """Chapter 20: batch norm when the test data shift.
 
-A small 1-D CNN with batch norm (:class:`CNN1d`) is trained on MNIST-1D (Greydanus 2020),
-then tested on shifted copies of the test split (Gaussian noise, contrast, an additive
-offset; three severities each) with three ways of setting BN's statistics at test time:
+A small 1-D CNN with batch norm (:class:`bnlib.models.CNN1d`) is trained on MNIST-1D
+(Greydanus 2020), then tested on shifted copies of the test split (:func:`bnlib.data.shifted`:
+Gaussian noise, contrast, an additive offset; three severities each) with three ways of
+setting BN's statistics at test time:
 
 * ``"running"``: the running statistics from training (ordinary eval mode);
 * ``"recomputed"``: the source statistics recomputed exactly on the training split ("precise
@@ -29,51 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as datasets
+from ..data import SHIFT_KINDS, shifted
 from ..inference import recompute_batchnorm_stats
-from ..nn import BatchNorm1d, batchnorm_layers
+from ..models import CNN1d
+from ..nn import batchnorm_layers
 from ..train import resolve_device, seeded, train
 from . import Config, register
-
-SHIFT_KINDS = ("noise", "contrast", "offset")
-
-
-class CNN1d(nn.Module):
-    """``layers`` × (Conv1d, stride 2 → BatchNorm1d → ReLU), then a linear classifier on the
-    flattened features. Convolutions followed by a BN have no bias (BN's β replaces it)."""
-
-    def __init__(self, in_channels: int = 1, length: int = 40, num_classes: int = 10, *,
-                 channels: int = 32, layers: int = 3, kernel: int = 5) -> None:
-        super().__init__()
-        if min(in_channels, length, channels, layers, kernel) < 1 or num_classes < 2:
-            raise ValueError("CNN1d needs positive sizes and num_classes ≥ 2")
-        blocks: list[nn.Module] = []
-        for i in range(layers):
-            blocks += [nn.Conv1d(in_channels if i == 0 else channels, channels, kernel, stride=2,
-                                 padding=kernel // 2, bias=False), BatchNorm1d(channels), nn.ReLU()]
-            length = (length + 2 * (kernel // 2) - kernel) // 2 + 1
-        self.features = nn.Sequential(*blocks)
-        self.head = nn.Linear(channels * length, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x).flatten(1))
-
-
-def shifted(x: Tensor, kind: str, level: float, seed: int = 0) -> Tensor:
-    """``x`` under a test-time shift: ``"noise"`` adds Gaussian noise of std ``level``
-    (seeded: every model sees the same noisy inputs), ``"contrast"`` multiplies by ``level``,
-    ``"offset"`` adds ``level``; ``"none"`` returns ``x``. Inputs are standardised, so
-    ``level`` is in units of the data's standard deviation."""
-    if kind == "none":
-        return x
-    if kind == "noise":
-        gen = torch.Generator().manual_seed(seed)
-        return x + level * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-    if kind == "contrast":
-        return x * level
-    if kind == "offset":
-        return x + level
-    raise ValueError(f"shift kind must be 'none' or one of {SHIFT_KINDS}, got {kind!r}")
-
 
 def _weight(prior: float, n: int) -> float:
     """Schneider et al.'s weight of the source statistics, ``N / (N + n)``."""
@@ -200,7 +162,8 @@ def _data(n: int) -> datasets.Dataset:
 
 
 def fit(cfg: ShiftConfig, seed: int) -> nn.Module:
-    """One :class:`CNN1d` trained on MNIST-1D with SGD + momentum (eval mode, on ``cfg.device``)."""
+    """One :class:`~bnlib.models.CNN1d` trained on MNIST-1D with SGD + momentum (eval mode, on
+    ``cfg.device``)."""
     ds = _data(cfg.n)
     net = seeded(seed, lambda: CNN1d(*ds.input_shape, ds.num_classes, channels=cfg.channels))
     train(net, ds, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, momentum=cfg.momentum,

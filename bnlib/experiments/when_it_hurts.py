@@ -12,8 +12,8 @@ CNN's ``BatchNorm2d`` also pools over the positions, see :func:`pooled_values`):
 
 ``non_iid_batches``
     The same normalisers trained with i.i.d. (shuffled) batches or with *class-sorted*
-    batches (:func:`class_sorted_batches`, ``fit(..., sampler=)``), paired by seed, at a
-    learning rate tuned on shuffled batches. BN runs are also evaluated with precise
+    batches (:func:`bnlib.data.class_sorted_batches`, ``fit(..., sampler=)``), paired by
+    seed, at a learning rate tuned on shuffled batches. BN runs are also evaluated with precise
     statistics and with batch statistics on shuffled and on class-sorted test batches.
 
 Both return tidy rows: one per run and evaluation (``eval``: ``running``, ``precise``,
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..config import override
+from ..data import class_sorted_batches
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
 from ..protocol import Protocol, Tuning, arm_config, choose, load_data, train_spec, trained
@@ -63,41 +63,6 @@ def pooled_values(batch_size: int, *, conv: bool = False, height: int = 8, width
     if batch_size < 1 or height < 1 or width < 1:
         raise ValueError("batch_size, height and width must be ≥ 1")
     return batch_size * (height * width if conv else 1)
-
-
-def class_sorted_batches(labels: Tensor, *, shuffle_blocks: bool = True
-                         ) -> Callable[[int, int, torch.Generator], Iterator[Tensor]]:
-    """A ``sampler`` for :func:`bnlib.train.train` whose batches are *not* i.i.d.
-
-    Every epoch: shuffle the examples within each class, lay the classes end to end in a
-    random class order, cut the sequence into consecutive blocks of ``batch_size`` (so
-    each batch holds one class, or two where it straddles a class boundary; the ragged
-    tail is dropped) and, with ``shuffle_blocks``, visit the blocks in random order (so
-    the *sequence* of batches still mixes classes; only each batch's composition is
-    skewed). Every training example is still seen once per epoch.
-    """
-    y = torch.as_tensor(labels).detach().cpu()
-    if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError("labels must be a 1-D tensor of class indices")
-    classes = torch.unique(y)
-    members = [(y == c).nonzero().squeeze(1) for c in classes]
-
-    def sampler(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-        if n != len(y):
-            raise ValueError(f"the sampler was built for {len(y)} examples, train() has {n}")
-        if not 2 <= batch_size <= n:
-            raise ValueError(f"batch_size must be in [2, {n}], got {batch_size}")
-        while True:
-            order = torch.randperm(len(classes), generator=generator)
-            seq = torch.cat([members[c][torch.randperm(len(members[c]), generator=generator)]
-                             for c in order.tolist()])
-            blocks = [seq[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-            visit = torch.randperm(len(blocks), generator=generator) if shuffle_blocks \
-                else torch.arange(len(blocks))
-            for j in visit.tolist():
-                yield blocks[j]
-
-    return sampler
 
 
 def _evaluations(net, data, *, norm: str, batch_size: int, diverged: bool,
