@@ -1,15 +1,27 @@
 """Batch norm at inference time: recomputing the population statistics ("precise BN")
-and evaluating with batch statistics instead of running ones."""
+and evaluating with batch statistics instead of running ones.
+
+Also: the running averages themselves in PyTorch's and Keras' momentum conventions
+(:func:`ema`) and how far a model's are from precise ones (:func:`statistics_error`); the
+swa_utils-style recompute in training mode (:func:`recompute_in_train_mode`); test-time
+adaptation of the statistics to unlabelled inputs (:func:`adapt_batchnorm_stats`) and
+per-test-batch statistics mixed with the running ones (:func:`grouped_accuracy`); and
+folding BN into the layer before it (:func:`fold_batchnorm`)."""
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import Sequence
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from .nn import batchnorm_layers
 
-__all__ = ["recompute_batchnorm_stats", "batch_statistics", "fold_batchnorm", "evaluate"]
+__all__ = ["recompute_batchnorm_stats", "batch_statistics", "fold_batchnorm", "evaluate", "ema",
+           "statistics_error", "recompute_in_train_mode", "adapt_batchnorm_stats", "grouped_accuracy"]
 
 
 @torch.no_grad()
@@ -147,6 +159,163 @@ def batch_statistics(model: nn.Module):
         for bn, (m, v, t) in zip(layers, saved):
             bn.running_mean, bn.running_var = m, v
         model.train(was)
+
+
+# --- running averages and how far they are from precise statistics -----------------------
+
+def ema(values: Sequence[float] | np.ndarray, momentum: float, *, convention: str = "torch",
+        start: float = 0.0) -> np.ndarray:
+    """The running averages after each value, in PyTorch's or in Keras' momentum convention.
+
+    * ``"torch"``: ``new = (1 − momentum)·old + momentum·value`` (momentum weighs the new value;
+      default 0.1);
+    * ``"keras"``: ``new = momentum·old + (1 − momentum)·value`` (momentum weighs the old value;
+      default 0.99).
+
+    So Keras' momentum ``m`` is PyTorch's ``1 − m``. ``values`` may be scalars or arrays
+    stacked along the first axis.
+    """
+    if convention not in ("torch", "keras"):
+        raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    w_new = momentum if convention == "torch" else 1.0 - momentum
+    values = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(values)
+    running = np.full(values.shape[1:], start, dtype=np.float64)
+    for i, v in enumerate(values):
+        running = (1.0 - w_new) * running + w_new * v
+        out[i] = running
+    return out
+
+
+def statistics_error(model: nn.Module, reference_model: nn.Module) -> pd.DataFrame:
+    """How far each BN's running statistics are from those of ``reference_model`` (same
+    architecture, e.g. a copy with precise statistics), one row per BN layer (1-based):
+
+    * ``mean_error``: mean over units of ``|μ − μ_ref| / σ_ref`` (in reference std units);
+    * ``var_log_ratio``: mean over units of ``|log(σ² / σ²_ref)|`` (0.1 ≈ 10 % off).
+    """
+    a, b = batchnorm_layers(model), batchnorm_layers(reference_model)
+    if not a or len(a) != len(b):
+        raise ValueError(f"models need the same, non-zero number of BN layers (got {len(a)} and {len(b)})")
+    rows = []
+    for i, (bn, ref) in enumerate(zip(a, b), start=1):
+        if bn.running_mean is None or ref.running_mean is None:
+            raise ValueError("both models need running statistics (track_running_stats=True)")
+        sd = ref.running_var.clamp_min(1e-12).sqrt()
+        rows.append(dict(layer=i,
+                         mean_error=((bn.running_mean - ref.running_mean).abs() / sd).mean().item(),
+                         var_log_ratio=(bn.running_var.clamp_min(1e-12) / ref.running_var.clamp_min(1e-12))
+                         .log().abs().mean().item()))
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def recompute_in_train_mode(model: nn.Module, x: Tensor, *, batch_size: int = 256) -> nn.Module:
+    """Recompute every BN's running statistics the way ``torch.optim.swa_utils.update_bn``
+    does: reset them, then average the batch statistics of passes over ``x`` in *training*
+    mode (a cumulative average). Training mode also switches every dropout layer on, so the
+    statistics again describe the noisy training-time activations. (bnlib's
+    :func:`~bnlib.inference.recompute_batchnorm_stats` collects them in eval mode.)
+    Returns the model in eval mode."""
+    layers = [m for m in model.modules() if getattr(m, "running_var", None) is not None]
+    if not layers:
+        raise ValueError("the model has no batch-norm layer to recompute")
+    saved = [bn.momentum for bn in layers]
+    for bn in layers:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    try:
+        for i in range(0, len(x) - 1, batch_size):
+            model(x[i:i + batch_size])
+    finally:
+        for bn, m in zip(layers, saved):
+            bn.momentum = m
+    return model.eval()
+
+
+# --- test-time statistics: adapted to the test inputs, or per test batch -----------------
+
+def _weight(prior: float, n: int) -> float:
+    """Schneider et al.'s weight of the source statistics, ``N / (N + n)``."""
+    if prior < 0:
+        raise ValueError(f"prior N must be ≥ 0 (math.inf for the running statistics), got {prior}")
+    return 1.0 if math.isinf(prior) else prior / (prior + n)
+
+
+@torch.no_grad()
+def adapt_batchnorm_stats(model: nn.Module, x: Tensor, *, prior: float = 0.0,
+                          batch_size: int = 256) -> nn.Module:
+    """Re-estimate every BN's statistics on unlabelled inputs ``x`` (Schneider et al. 2020).
+
+    The target statistics are recomputed on ``x`` by :func:`bnlib.inference.recompute_batchnorm_stats`
+    and mixed with the current (source) running statistics: ``N/(N+n)·source + n/(N+n)·target``
+    with ``N = prior`` and ``n = len(x)``, for the means and the variances. ``prior=0`` keeps
+    only the target statistics, ``math.inf`` only the source ones. (With ``prior > 0`` each
+    layer's target statistics are measured behind earlier layers normalised with target rather
+    than mixed statistics; the difference vanishes when ``n ≫ N``.) In place; eval mode.
+    """
+    layers = batchnorm_layers(model)
+    w = _weight(prior, len(x))
+    source = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in layers]
+    recompute_batchnorm_stats(model, x, batch_size=batch_size)
+    for bn, (mean, var) in zip(layers, source):
+        bn.running_mean.mul_(1 - w).add_(w * mean)
+        bn.running_var.mul_(1 - w).add_(w * var)
+    return model
+
+
+def _mixed_hook(group: int, w: float):
+    """A forward hook that renormalises a BN's input per consecutive group of ``group``
+    examples with ``w·running + (1 − w)·group`` statistics (biased group variance)."""
+    def hook(bn: nn.Module, inputs: tuple, _output: Tensor) -> Tensor:
+        x = inputs[0]
+        c = x.shape[1]
+        xs = x.reshape(x.shape[0] // group, group, c, -1)
+        flat = xs.transpose(1, 2).reshape(xs.shape[0], c, -1)  # (groups, C, group·L): fast reduce
+        var, mean = torch.var_mean(flat, dim=2, unbiased=False)
+        var, mean = var[:, None, :, None], mean[:, None, :, None]
+        if w > 0:
+            mean = w * bn.running_mean.view(1, 1, c, 1) + (1 - w) * mean
+            var = w * bn.running_var.view(1, 1, c, 1) + (1 - w) * var
+        out = (xs - mean) / torch.sqrt(var + bn.eps)
+        if bn.weight is not None:
+            out = out * bn.weight.view(1, 1, c, 1)
+        if bn.bias is not None:
+            out = out + bn.bias.view(1, 1, c, 1)
+        return out.reshape(x.shape)
+    return hook
+
+
+@torch.no_grad()
+def grouped_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int,
+                     prior: float = 0.0) -> float:
+    """Accuracy when ``x`` arrives in consecutive test batches of ``batch_size`` and every BN
+    normalises each batch with its own statistics mixed with the running ones by ``prior``
+    (``0``: prediction-time BN; ``math.inf``: running statistics). A ragged last batch is
+    normalised on its own. Equivalent to a loop over the batches, in one or two passes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    layers = batchnorm_layers(model)
+    was = model.training
+    model.eval()
+    cut = len(x) - len(x) % batch_size
+    correct = 0
+    for lo, hi in ((0, cut), (cut, len(x))):
+        if hi == lo:
+            continue
+        group = min(batch_size, hi - lo)
+        w = _weight(prior, group)
+        handles = [bn.register_forward_hook(_mixed_hook(group, w)) for bn in layers] if w < 1 else []
+        try:
+            correct += (model(x[lo:hi]).argmax(1) == y[lo:hi]).sum().item()
+        finally:
+            for h in handles:
+                h.remove()
+    model.train(was)
+    return correct / len(x)
 
 
 # --- folding BN into the layer before it ------------------------------------------------

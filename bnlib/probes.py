@@ -5,7 +5,10 @@
 * :class:`PercentileTracker` — a training callback that records those percentiles for one
   unit every ``every`` steps (the BN paper's Figure 1(b, c));
 * :func:`gradient_norms` / :func:`weight_norms` — per-layer norms, input layer first;
-* :class:`LossRecorder` — every step's mini-batch loss.
+* :class:`LossRecorder` — every step's mini-batch loss;
+* :class:`SetBNMomentum` — sets every BN's running-average momentum before training;
+* :func:`frozen_batchnorm_buffers` / :func:`dropout_disabled` — context managers for probe
+  passes that must not move BN's running statistics / must run without dropout.
 
 Probes never change the model's training state: running statistics are saved and
 restored around every probe forward pass.
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from .train import StepInfo
 
 __all__ = ["Probe", "LossRecorder", "WeightNormTracker", "activation_stats", "PercentileTracker", "gradient_norms", "weight_norms",
-           "frozen_batchnorm_buffers", "capture"]
+           "frozen_batchnorm_buffers", "dropout_disabled", "capture", "SetBNMomentum"]
 
 
 @contextlib.contextmanager
@@ -44,6 +47,21 @@ def frozen_batchnorm_buffers(model: nn.Module):
             for bn, state in zip(layers, saved):
                 for k, v in state.items():
                     getattr(bn, k).copy_(v)
+
+
+@contextlib.contextmanager
+def dropout_disabled(model: nn.Module):
+    """Inside this block every dropout layer of ``model`` is the identity, even in training
+    mode (its probability is set to 0, then restored)."""
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    saved = [m.p for m in drops]
+    try:
+        for m in drops:
+            m.p = 0.0
+        yield model
+    finally:
+        for m, p in zip(drops, saved):
+            m.p = p
 
 
 @contextlib.contextmanager
@@ -111,6 +129,22 @@ class Probe:
     def frame(self) -> pd.DataFrame:
         """One row per recorded measurement."""
         return pd.DataFrame(self.rows)
+
+
+class SetBNMomentum(Probe):
+    """Sets every BN layer's running-average momentum (PyTorch convention) before training."""
+
+    def __init__(self, momentum: float) -> None:
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"bn momentum must be in (0, 1], got {momentum}")
+        self.momentum, self.rows = momentum, []
+
+    def on_train_start(self, model: nn.Module) -> None:
+        for bn in batchnorm_layers(model):
+            bn.momentum = self.momentum
+
+    def __call__(self, info: StepInfo) -> None:  # sets, never measures
+        pass
 
 
 class LossRecorder(Probe):

@@ -8,16 +8,21 @@ Two backward passes are given. :func:`batchnorm_backward_naive` walks the comput
 graph node by node (mean, centring, variance, inverse std, normalise, scale, shift);
 :func:`batchnorm_backward` is the closed form that the graph collapses to. The book
 checks both against centred finite differences (:func:`numerical_gradient`) and
-against autograd.
+against autograd (:func:`autograd_batchnorm_grads`), measuring agreement with
+:func:`relative_error`; :func:`backward_without_variance_path` is a deliberately wrong
+backward for teaching, and :func:`backward_peak_memory` measures what each backward allocates.
 """
 from __future__ import annotations
 
+import tracemalloc
 from typing import Callable
 
 import numpy as np
+import torch
 
 __all__ = ["batchnorm_forward", "batchnorm_backward", "batchnorm_backward_naive",
-           "numerical_gradient"]
+           "numerical_gradient", "relative_error", "autograd_batchnorm_grads",
+           "backward_without_variance_path", "backward_peak_memory"]
 
 Cache = dict
 
@@ -104,3 +109,91 @@ def numerical_gradient(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
         x[i] = old
         grad[i] = (plus - minus) / (2 * h)
     return grad
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    """``‖a − b‖ / (‖a‖ + ‖b‖)``: 0 for equal arrays, 1 for opposite ones (0 when both are 0).
+
+    A norm-wise relative error, so a few entries that are almost zero in both arrays
+    cannot blow it up (an element-wise ratio would).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("relative_error got a NaN or infinite entry")
+    den = np.linalg.norm(a) + np.linalg.norm(b)
+    return 0.0 if den == 0 else float(np.linalg.norm(a - b) / den)
+
+
+def autograd_batchnorm_grads(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, dout: np.ndarray,
+                             eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dx, dgamma, dbeta)`` of ``sum(BN(x) * dout)`` computed by torch autograd, float64.
+
+    The forward is written with plain tensor operations (mean, centring, biased variance,
+    ``rsqrt``, scale, shift), so autograd differentiates its *own* graph: an independent
+    check of the hand-derived backward passes in this module.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"x must be an (N, D) array, got shape {x.shape}")
+    if np.shape(dout) != x.shape:
+        raise ValueError(f"dout must have the shape of x {x.shape}, got {np.shape(dout)}")
+    xt = torch.tensor(x, requires_grad=True)
+    g = torch.tensor(np.asarray(gamma, dtype=np.float64), requires_grad=True)
+    b = torch.tensor(np.asarray(beta, dtype=np.float64), requires_grad=True)
+    mu = xt.mean(0)
+    xc = xt - mu
+    var = (xc ** 2).mean(0)
+    out = g * xc * torch.rsqrt(var + eps) + b
+    out.backward(torch.tensor(np.asarray(dout, dtype=np.float64)))
+    return xt.grad.numpy(), g.grad.numpy(), b.grad.numpy()
+
+
+def backward_without_variance_path(dout: np.ndarray, cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A deliberately WRONG batch-norm backward, for teaching: it forgets that the batch
+    variance depends on ``x`` (the ``x̂ · mean(dout · x̂)`` term of the closed form).
+
+    With an all-ones upstream gradient it returns the same ``dx`` (zero) as the correct
+    backward, so a gradient check run with ``dout = 1`` cannot tell them apart; a random
+    ``dout`` exposes it at once.
+    """
+    xhat, inv_std, gamma = cache["xhat"], cache["inv_std"], cache["gamma"]
+    dx = gamma * inv_std * (dout - dout.mean(axis=0))
+    return dx, (dout * xhat).sum(axis=0), dout.sum(axis=0)
+
+
+_BACKWARDS: dict[str, Callable] = {
+    "naive": batchnorm_backward_naive,
+    "closed form": batchnorm_backward,
+}
+
+
+def _problem(n: int, d: int, seed: int) -> tuple[np.ndarray, dict]:
+    """A random batch-norm problem of shape ``(n, d)``: the upstream gradient and the cache."""
+    if n < 2 or d < 1:
+        raise ValueError(f"need n ≥ 2 and d ≥ 1, got n={n}, d={d}")
+    rng = np.random.default_rng(seed)
+    x = 3.0 * rng.standard_normal((n, d)) + 5.0
+    gamma, beta = rng.standard_normal(d), rng.standard_normal(d)
+    _, cache = batchnorm_forward(x, gamma, beta)
+    return rng.standard_normal((n, d)), cache
+
+
+def backward_peak_memory(n: int, d: int, impl: str, seed: int = 0) -> int:
+    """Peak bytes NumPy allocates (``tracemalloc``) during one backward call of ``impl``
+    (``"naive"`` or ``"closed form"``) on an ``(n, d)`` float64 problem."""
+    if impl not in _BACKWARDS:
+        raise ValueError(f"impl must be one of {list(_BACKWARDS)}, got {impl!r}")
+    dout, cache = _problem(n, d, seed)
+    fn = _BACKWARDS[impl]
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result = fn(dout, cache)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    del result
+    return int(peak)

@@ -4,17 +4,15 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from bnlib import experiments
 from bnlib.config import override
 from bnlib.experiments.regularizers import (GridConfig, ScalingConfig, VarianceShiftConfig,
-                                            WeightDecayConfig, dose, dropout_disabled,
-                                            dropout_variance_shift, grid_verdicts,
-                                            recompute_in_train_mode, regularizer_grid,
+                                            WeightDecayConfig, dose, dropout_variance_shift,
+                                            grid_verdicts, regularizer_grid,
                                             variance_ratio, wd_weight_scaling, weight_decay_bn,
                                             weight_scaling_check)
-from bnlib.inference import recompute_batchnorm_stats
+from bnlib.inference import recompute_batchnorm_stats, recompute_in_train_mode
 from bnlib.models import mlp
 from bnlib.train import TrainSpec
 
@@ -22,15 +20,6 @@ from bnlib.train import TrainSpec
 def _net(**kw):
     torch.manual_seed(0)
     return mlp(6, 3, depth=2, width=16, norm="batch", **kw)
-
-
-def test_dropout_disabled_restores_p():
-    net = _net(dropout=0.5)
-    x = torch.randn(32, 6)
-    net.train()
-    with dropout_disabled(net):
-        torch.testing.assert_close(net(x), net(x))  # no random masks in train mode
-    assert all(m.p == 0.5 for m in net.modules() if isinstance(m, nn.Dropout))
 
 
 def test_variance_shift_train_mode_recompute_keeps_it_eval_mode_removes_it():

@@ -12,6 +12,7 @@ from torch import nn
 
 from bnlib import data as datasets
 from bnlib import models, probes
+from bnlib import nn as bnn
 from bnlib.train import seeded, train
 
 
@@ -153,3 +154,22 @@ def test_loss_recorder_and_probed_label_every_run():
     hist = df[(df["record"] == "history") & (df["split"] == "batch")].set_index(["arm", "seed"])["loss"]
     mean = steps.groupby(["arm", "seed"])["loss"].mean()
     assert np.allclose(mean.loc[hist.index], hist, rtol=1e-6)
+
+
+def test_dropout_disabled_restores_p():
+    torch.manual_seed(0)
+    net = models.mlp(6, 3, depth=2, width=16, norm="batch", dropout=0.5)
+    x = torch.randn(32, 6)
+    net.train()
+    with probes.dropout_disabled(net):
+        torch.testing.assert_close(net(x), net(x))  # no random masks in train mode
+    assert all(m.p == 0.5 for m in net.modules() if isinstance(m, nn.Dropout))
+
+
+def test_set_bn_momentum_sets_every_bn_before_training(net):
+    probe = probes.SetBNMomentum(0.5)
+    probe.on_train_start(net)
+    assert all(bn.momentum == 0.5 for bn in bnn.batchnorm_layers(net))
+    assert probe.frame().empty
+    with pytest.raises(ValueError):
+        probes.SetBNMomentum(0.0)

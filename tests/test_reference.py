@@ -107,3 +107,43 @@ def test_matches_bnlib_functional(batch):
     np.testing.assert_allclose(ot.detach().numpy(), out, rtol=1e-12, atol=1e-12)
     for a, b in zip((xt.grad, gt.grad, bt.grad), ref.batchnorm_backward(dout, cache)):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-9, atol=1e-12)
+
+
+def _problem(n=6, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = 4 * rng.standard_normal((n, d)) + 3
+    gamma, beta = rng.standard_normal(d), rng.standard_normal(d)
+    out, cache = ref.batchnorm_forward(x, gamma, beta)
+    return x, gamma, beta, rng.standard_normal((n, d)), cache
+
+
+def test_relative_error():
+    a = np.array([1.0, 2.0])
+    assert ref.relative_error(a, a) == 0.0
+    assert ref.relative_error(a, -a) == pytest.approx(1.0)
+    assert ref.relative_error(np.zeros(3), np.zeros(3)) == 0.0
+    with pytest.raises(ValueError):
+        ref.relative_error(a, np.ones(3))
+    with pytest.raises(ValueError):
+        ref.relative_error(a, np.array([1.0, np.nan]))
+
+
+def test_autograd_matches_closed_form_and_buggy_backward_is_caught_only_by_random_dout():
+    x, gamma, beta, dout, cache = _problem()
+    ours = ref.batchnorm_backward(dout, cache)
+    auto = ref.autograd_batchnorm_grads(x, gamma, beta, dout)
+    for a, b in zip(ours, auto):
+        assert ref.relative_error(a, b) < 1e-12
+    ones = np.ones_like(dout)
+    good = ref.batchnorm_backward(ones, cache)[0]
+    bad = ref.backward_without_variance_path(ones, cache)[0]
+    assert np.abs(good).max() < 1e-12 and np.abs(bad).max() < 1e-12   # the trap: both zero
+    assert ref.relative_error(ref.backward_without_variance_path(dout, cache)[0], ours[0]) > 1e-2
+    with pytest.raises(ValueError):
+        ref.autograd_batchnorm_grads(x, gamma, beta, dout[:2])
+
+
+def test_backward_peak_memory_and_bad_impl():
+    assert ref.backward_peak_memory(512, 64, "closed form") < ref.backward_peak_memory(512, 64, "naive")
+    with pytest.raises(ValueError):
+        ref.backward_peak_memory(8, 4, "fast")

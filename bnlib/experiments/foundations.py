@@ -14,15 +14,16 @@ Two registered experiments:
   (:func:`bnlib.inference.evaluate`). A probe (:class:`EMATracker`) records how far the
   running statistics are from those of the whole training set as training goes on.
 
-And the chapters' small helpers (gradient checks, memory, distributions, moving averages).
+And chapter 1's small measurements of what the transform does to distributions. The
+gradient checks and memory of chapter 2 live in :mod:`bnlib.reference`; the moving averages
+and their error in :mod:`bnlib.inference`.
 """
 from __future__ import annotations
 
 import copy
 import math
-import tracemalloc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,105 +31,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import data as datasets
-from .. import reference
-from ..inference import evaluate, recompute_batchnorm_stats
+from ..inference import evaluate, recompute_batchnorm_stats, statistics_error
 from ..models import MLPSpec
-from ..nn import batchnorm_layers
-from ..probes import Probe
+from ..probes import Probe, SetBNMomentum
 from ..protocol import Protocol, arm_config, load_data
+from ..reference import _BACKWARDS, _problem
 from ..timing import paired_ratio, time_interleaved
 from ..train import StepInfo, TrainSpec, fit
 from . import Config, register
 
-# --- chapter 2: gradients ------------------------------------------------------------------
-
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    """``‖a − b‖ / (‖a‖ + ‖b‖)``: 0 for equal arrays, 1 for opposite ones (0 when both are 0).
-
-    A norm-wise relative error, so a few entries that are almost zero in both arrays
-    cannot blow it up (an element-wise ratio would).
-    """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("relative_error got a NaN or infinite entry")
-    den = np.linalg.norm(a) + np.linalg.norm(b)
-    return 0.0 if den == 0 else float(np.linalg.norm(a - b) / den)
-
-
-def autograd_batchnorm_grads(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, dout: np.ndarray,
-                             eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(dx, dgamma, dbeta)`` of ``sum(BN(x) * dout)`` computed by torch autograd, float64.
-
-    The forward is written with plain tensor operations (mean, centring, biased variance,
-    ``rsqrt``, scale, shift), so autograd differentiates its *own* graph: an independent
-    check of the hand-derived backward passes in :mod:`bnlib.reference`.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"x must be an (N, D) array, got shape {x.shape}")
-    if np.shape(dout) != x.shape:
-        raise ValueError(f"dout must have the shape of x {x.shape}, got {np.shape(dout)}")
-    xt = torch.tensor(x, requires_grad=True)
-    g = torch.tensor(np.asarray(gamma, dtype=np.float64), requires_grad=True)
-    b = torch.tensor(np.asarray(beta, dtype=np.float64), requires_grad=True)
-    mu = xt.mean(0)
-    xc = xt - mu
-    var = (xc ** 2).mean(0)
-    out = g * xc * torch.rsqrt(var + eps) + b
-    out.backward(torch.tensor(np.asarray(dout, dtype=np.float64)))
-    return xt.grad.numpy(), g.grad.numpy(), b.grad.numpy()
-
-
-def backward_without_variance_path(dout: np.ndarray, cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A deliberately WRONG batch-norm backward, for teaching: it forgets that the batch
-    variance depends on ``x`` (the ``x̂ · mean(dout · x̂)`` term of the closed form).
-
-    With an all-ones upstream gradient it returns the same ``dx`` (zero) as the correct
-    backward, so a gradient check run with ``dout = 1`` cannot tell them apart; a random
-    ``dout`` exposes it at once.
-    """
-    xhat, inv_std, gamma = cache["xhat"], cache["inv_std"], cache["gamma"]
-    dx = gamma * inv_std * (dout - dout.mean(axis=0))
-    return dx, (dout * xhat).sum(axis=0), dout.sum(axis=0)
-
-
-_BACKWARDS: dict[str, Callable] = {
-    "naive": reference.batchnorm_backward_naive,
-    "closed form": reference.batchnorm_backward,
-}
-
-
-def _problem(n: int, d: int, seed: int) -> tuple[np.ndarray, dict]:
-    """A random batch-norm problem of shape ``(n, d)``: the upstream gradient and the cache."""
-    if n < 2 or d < 1:
-        raise ValueError(f"need n ≥ 2 and d ≥ 1, got n={n}, d={d}")
-    rng = np.random.default_rng(seed)
-    x = 3.0 * rng.standard_normal((n, d)) + 5.0
-    gamma, beta = rng.standard_normal(d), rng.standard_normal(d)
-    _, cache = reference.batchnorm_forward(x, gamma, beta)
-    return rng.standard_normal((n, d)), cache
-
-
-def backward_peak_memory(n: int, d: int, impl: str, seed: int = 0) -> int:
-    """Peak bytes NumPy allocates (``tracemalloc``) during one backward call of ``impl``
-    (``"naive"`` or ``"closed form"``) on an ``(n, d)`` float64 problem."""
-    if impl not in _BACKWARDS:
-        raise ValueError(f"impl must be one of {list(_BACKWARDS)}, got {impl!r}")
-    dout, cache = _problem(n, d, seed)
-    fn = _BACKWARDS[impl]
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        result = fn(dout, cache)
-        peak = tracemalloc.get_traced_memory()[1] - before
-    finally:
-        tracemalloc.stop()
-    del result
-    return int(peak)
-
+# --- chapter 2: timing the backward passes ------------------------------------------------
 
 @dataclass(frozen=True)
 class BackwardTimingConfig(Config):
@@ -269,70 +181,6 @@ def sigmoid_linear_r2(std: float = 1.0, mean: float = 0.0, n: int = 100_000, see
 
 
 # --- chapter 3: running statistics and inference --------------------------------------------
-
-def ema(values: Sequence[float] | np.ndarray, momentum: float, *, convention: str = "torch",
-        start: float = 0.0) -> np.ndarray:
-    """The running averages after each value, in PyTorch's or in Keras' momentum convention.
-
-    * ``"torch"``: ``new = (1 − momentum)·old + momentum·value`` (momentum weighs the new value;
-      default 0.1);
-    * ``"keras"``: ``new = momentum·old + (1 − momentum)·value`` (momentum weighs the old value;
-      default 0.99).
-
-    So Keras' momentum ``m`` is PyTorch's ``1 − m``. ``values`` may be scalars or arrays
-    stacked along the first axis.
-    """
-    if convention not in ("torch", "keras"):
-        raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    w_new = momentum if convention == "torch" else 1.0 - momentum
-    values = np.asarray(values, dtype=np.float64)
-    out = np.empty_like(values)
-    running = np.full(values.shape[1:], start, dtype=np.float64)
-    for i, v in enumerate(values):
-        running = (1.0 - w_new) * running + w_new * v
-        out[i] = running
-    return out
-
-
-def statistics_error(model: nn.Module, reference_model: nn.Module) -> pd.DataFrame:
-    """How far each BN's running statistics are from those of ``reference_model`` (same
-    architecture, e.g. a copy with precise statistics), one row per BN layer (1-based):
-
-    * ``mean_error``: mean over units of ``|μ − μ_ref| / σ_ref`` (in reference std units);
-    * ``var_log_ratio``: mean over units of ``|log(σ² / σ²_ref)|`` (0.1 ≈ 10 % off).
-    """
-    a, b = batchnorm_layers(model), batchnorm_layers(reference_model)
-    if not a or len(a) != len(b):
-        raise ValueError(f"models need the same, non-zero number of BN layers (got {len(a)} and {len(b)})")
-    rows = []
-    for i, (bn, ref) in enumerate(zip(a, b), start=1):
-        if bn.running_mean is None or ref.running_mean is None:
-            raise ValueError("both models need running statistics (track_running_stats=True)")
-        sd = ref.running_var.clamp_min(1e-12).sqrt()
-        rows.append(dict(layer=i,
-                         mean_error=((bn.running_mean - ref.running_mean).abs() / sd).mean().item(),
-                         var_log_ratio=(bn.running_var.clamp_min(1e-12) / ref.running_var.clamp_min(1e-12))
-                         .log().abs().mean().item()))
-    return pd.DataFrame(rows)
-
-
-class SetBNMomentum(Probe):
-    """Sets every BN layer's running-average momentum (PyTorch convention) before training."""
-
-    def __init__(self, momentum: float) -> None:
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"bn momentum must be in (0, 1], got {momentum}")
-        self.momentum, self.rows = momentum, []
-
-    def on_train_start(self, model: nn.Module) -> None:
-        for bn in batchnorm_layers(model):
-            bn.momentum = self.momentum
-
-    def __call__(self, info: StepInfo) -> None:  # sets, never measures
-        pass
-
 
 def _precise(model: nn.Module, x: Tensor, samples: int | None, batch_size: int) -> nn.Module:
     """A copy of ``model`` with exact precise-BN statistics of the first ``samples`` rows of ``x``."""

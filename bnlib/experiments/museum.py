@@ -41,8 +41,8 @@ from ..nn import batchnorm_layers
 from ..train import TrainSpec, train
 from . import Config, register
 
-__all__ = ["MuseumConfig", "EXHIBITS", "bug_museum", "plot_museum", "fit", "accuracy",
-           "build", "keras_momentum", "no_running_stats", "params_only_checkpoint",
+__all__ = ["MuseumConfig", "EXHIBITS", "bug_museum", "plot_museum", "fit", "build",
+           "keras_momentum", "no_running_stats", "params_only_checkpoint",
            "one_value_per_channel", "frozen_bn_finetune"]
 
 
@@ -111,12 +111,6 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, spec: TrainSpec, seed: int, *,
     return int(h.attrs["steps"])
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
-    """Accuracy in eval mode, evaluated in batches of ``batch_size`` (mode restored after):
-    :func:`bnlib.inference.evaluate`."""
-    return evaluate(model, datasets.Split(x, y), batch_size=batch_size)[1]
-
-
 def _report(model: nn.Module, batch: Tensor) -> str:
     return "\n".join(str(f) for f in diagnose(model, batch))
 
@@ -147,7 +141,7 @@ def keras_momentum(cfg: MuseumConfig, seed: int) -> list[dict]:
     rows = []
     for arm, mom in (("bug", 0.99), ("fix", None)):
         net = _train(cfg, seed, momentum=0.99) if mom else _train(cfg, seed)
-        rows.append(dict(arm=arm, accuracy=accuracy(net, ds.test.x, ds.test.y),
+        rows.append(dict(arm=arm, accuracy=evaluate(net, ds.test, batch_size=4096)[1],
                          findings=_report(net, ds.train.x[:cfg.train.batch_size]) if arm == "bug" else ""))
     return rows
 
@@ -162,7 +156,7 @@ def no_running_stats(cfg: MuseumConfig, seed: int) -> list[dict]:
         report = _report(net, ds.train.x[:cfg.train.batch_size]) if arm == "bug" else ""
         for b in cfg.eval_batches:
             rows.append(dict(arm=arm, eval_batch=b, findings=report,
-                             accuracy=accuracy(net, ds.test.x, ds.test.y, batch_size=b)))
+                             accuracy=evaluate(net, ds.test, batch_size=b)[1]))
     return rows
 
 
@@ -178,7 +172,7 @@ def params_only_checkpoint(cfg: MuseumConfig, seed: int) -> list[dict]:
         fresh = build(cfg, seed + 1000)
         fresh.load_state_dict(ckpt, strict=False)
         fresh.eval()
-        rows.append(dict(arm=arm, accuracy=accuracy(fresh, ds.test.x, ds.test.y),
+        rows.append(dict(arm=arm, accuracy=evaluate(fresh, ds.test, batch_size=4096)[1],
                          findings=_report(fresh, ds.train.x[:cfg.train.batch_size]) if arm == "bug" else ""))
     return rows
 
@@ -197,7 +191,7 @@ def one_value_per_channel(cfg: MuseumConfig, seed: int) -> list[dict]:
         try:
             done = fit(net, x, y, override(cfg.train, {"steps": k + 1}), seed,
                        drop_last=arm == "fix")
-            acc, note = accuracy(net, ds.test.x, ds.test.y), f"trained {done} steps"
+            acc, note = evaluate(net, ds.test, batch_size=4096)[1], f"trained {done} steps"
         except ValueError as e:
             note = str(e)
             findings = _report(net, x[-1:])  # the ragged last batch: one example
@@ -218,7 +212,7 @@ def frozen_bn_finetune(cfg: MuseumConfig, seed: int) -> list[dict]:
     fine-tuning; ``new_task`` the fine-tuned head on inverted test images."""
     ds = _load(cfg.dataset)
     pre = _train(cfg, seed)
-    rows = [dict(arm="pretrained", accuracy=accuracy(pre, ds.test.x, ds.test.y))]
+    rows = [dict(arm="pretrained", accuracy=evaluate(pre, ds.test, batch_size=4096)[1])]
     for arm in ("bug", "fix"):
         net = copy.deepcopy(pre)
         old_head = copy.deepcopy(net.head)
@@ -230,10 +224,10 @@ def frozen_bn_finetune(cfg: MuseumConfig, seed: int) -> list[dict]:
 
         fit(net, _invert(ds.train.x), ds.train.y, override(cfg.train, {"steps": cfg.finetune_steps}),
             seed, bn_eval=arm == "fix")
-        new_task = accuracy(net, _invert(ds.test.x), ds.test.y)
+        new_task = evaluate(net, datasets.Split(_invert(ds.test.x), ds.test.y), batch_size=4096)[1]
         net.head = old_head
-        rows.append(dict(arm=arm, accuracy=accuracy(net, ds.test.x, ds.test.y), new_task=new_task,
-                         findings=findings))
+        rows.append(dict(arm=arm, accuracy=evaluate(net, ds.test, batch_size=4096)[1],
+                         new_task=new_task, findings=findings))
     return rows
 
 

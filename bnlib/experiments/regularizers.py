@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +26,9 @@ from torch import Tensor, nn
 
 from .. import analysis, protocol
 from ..config import override
-from ..inference import evaluate, recompute_batchnorm_stats
+from ..inference import evaluate, recompute_batchnorm_stats, recompute_in_train_mode
 from ..models import MLPSpec, Net
-from ..probes import capture, frozen_batchnorm_buffers
+from ..probes import capture, dropout_disabled, frozen_batchnorm_buffers
 from ..protocol import Protocol, Tuning
 from ..train import TrainSpec, fit
 from . import register
@@ -52,46 +51,6 @@ def variance_ratio(model: Net, x: Tensor, bn: nn.Module | None = None) -> float:
         model(x)
     model.train(was)
     return float((seen["bn"].float().var(0, unbiased=True) / bn.running_var).median())
-
-
-@contextlib.contextmanager
-def dropout_disabled(model: nn.Module):
-    """Inside this block every dropout layer of ``model`` is the identity, even in training
-    mode (its probability is set to 0, then restored)."""
-    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    saved = [m.p for m in drops]
-    try:
-        for m in drops:
-            m.p = 0.0
-        yield model
-    finally:
-        for m, p in zip(drops, saved):
-            m.p = p
-
-
-@torch.no_grad()
-def recompute_in_train_mode(model: nn.Module, x: Tensor, *, batch_size: int = 256) -> nn.Module:
-    """Recompute every BN's running statistics the way ``torch.optim.swa_utils.update_bn``
-    does: reset them, then average the batch statistics of passes over ``x`` in *training*
-    mode (a cumulative average). Training mode also switches every dropout layer on, so the
-    statistics again describe the noisy training-time activations. (bnlib's
-    :func:`~bnlib.inference.recompute_batchnorm_stats` collects them in eval mode.)
-    Returns the model in eval mode."""
-    layers = [m for m in model.modules() if getattr(m, "running_var", None) is not None]
-    if not layers:
-        raise ValueError("the model has no batch-norm layer to recompute")
-    saved = [bn.momentum for bn in layers]
-    for bn in layers:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    try:
-        for i in range(0, len(x) - 1, batch_size):
-            model(x[i:i + batch_size])
-    finally:
-        for bn, m in zip(layers, saved):
-            bn.momentum = m
-    return model.eval()
 
 
 def weight_scaling_check(model: Net, x: Tensor, y: Tensor, layer: nn.Module,

@@ -10,13 +10,13 @@ setting BN's statistics at test time:
   BN", :func:`bnlib.inference.recompute_batchnorm_stats`): separates the lag of the moving
   average from the shift;
 * ``"adapted"``: statistics re-estimated on the whole *unlabelled* shifted test split
-  (Schneider et al. 2020), :func:`adapt_batchnorm_stats`;
+  (Schneider et al. 2020), :func:`bnlib.inference.adapt_batchnorm_stats`;
 * ``"batch"``: every test batch of ``batch_size`` examples is normalised with its own
   statistics (prediction-time BN, Nado et al. 2020), optionally mixed with the running
   ones by Schneider et al.'s prior ``N``: ``μ = N/(N+n)·μ_source + n/(N+n)·μ_batch`` and
   the same for the variance, ``n`` the batch size. ``N = 0`` is pure prediction-time BN,
-  ``N = ∞`` the running statistics. :func:`grouped_accuracy` evaluates all batches of a
-  split in one forward pass.
+  ``N = ∞`` the running statistics. :func:`bnlib.inference.grouped_accuracy` evaluates all
+  batches of a split in one forward pass.
 """
 from __future__ import annotations
 
@@ -26,95 +26,15 @@ import math
 from dataclasses import dataclass
 
 import pandas as pd
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import data as datasets
 from ..data import SHIFT_KINDS, shifted
-from ..inference import recompute_batchnorm_stats
+from ..inference import adapt_batchnorm_stats, grouped_accuracy, recompute_batchnorm_stats
 from ..models import CNN1d
-from ..nn import batchnorm_layers
 from ..train import resolve_device, seeded, train
 from . import Config, register
 
-def _weight(prior: float, n: int) -> float:
-    """Schneider et al.'s weight of the source statistics, ``N / (N + n)``."""
-    if prior < 0:
-        raise ValueError(f"prior N must be ≥ 0 (math.inf for the running statistics), got {prior}")
-    return 1.0 if math.isinf(prior) else prior / (prior + n)
-
-
-@torch.no_grad()
-def adapt_batchnorm_stats(model: nn.Module, x: Tensor, *, prior: float = 0.0,
-                          batch_size: int = 256) -> nn.Module:
-    """Re-estimate every BN's statistics on unlabelled inputs ``x`` (Schneider et al. 2020).
-
-    The target statistics are recomputed on ``x`` by :func:`bnlib.inference.recompute_batchnorm_stats`
-    and mixed with the current (source) running statistics: ``N/(N+n)·source + n/(N+n)·target``
-    with ``N = prior`` and ``n = len(x)``, for the means and the variances. ``prior=0`` keeps
-    only the target statistics, ``math.inf`` only the source ones. (With ``prior > 0`` each
-    layer's target statistics are measured behind earlier layers normalised with target rather
-    than mixed statistics; the difference vanishes when ``n ≫ N``.) In place; eval mode.
-    """
-    layers = batchnorm_layers(model)
-    w = _weight(prior, len(x))
-    source = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in layers]
-    recompute_batchnorm_stats(model, x, batch_size=batch_size)
-    for bn, (mean, var) in zip(layers, source):
-        bn.running_mean.mul_(1 - w).add_(w * mean)
-        bn.running_var.mul_(1 - w).add_(w * var)
-    return model
-
-
-def _mixed_hook(group: int, w: float):
-    """A forward hook that renormalises a BN's input per consecutive group of ``group``
-    examples with ``w·running + (1 − w)·group`` statistics (biased group variance)."""
-    def hook(bn: nn.Module, inputs: tuple, _output: Tensor) -> Tensor:
-        x = inputs[0]
-        c = x.shape[1]
-        xs = x.reshape(x.shape[0] // group, group, c, -1)
-        flat = xs.transpose(1, 2).reshape(xs.shape[0], c, -1)  # (groups, C, group·L): fast reduce
-        var, mean = torch.var_mean(flat, dim=2, unbiased=False)
-        var, mean = var[:, None, :, None], mean[:, None, :, None]
-        if w > 0:
-            mean = w * bn.running_mean.view(1, 1, c, 1) + (1 - w) * mean
-            var = w * bn.running_var.view(1, 1, c, 1) + (1 - w) * var
-        out = (xs - mean) / torch.sqrt(var + bn.eps)
-        if bn.weight is not None:
-            out = out * bn.weight.view(1, 1, c, 1)
-        if bn.bias is not None:
-            out = out + bn.bias.view(1, 1, c, 1)
-        return out.reshape(x.shape)
-    return hook
-
-
-@torch.no_grad()
-def grouped_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int,
-                     prior: float = 0.0) -> float:
-    """Accuracy when ``x`` arrives in consecutive test batches of ``batch_size`` and every BN
-    normalises each batch with its own statistics mixed with the running ones by ``prior``
-    (``0``: prediction-time BN; ``math.inf``: running statistics). A ragged last batch is
-    normalised on its own. Equivalent to a loop over the batches, in one or two passes."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    layers = batchnorm_layers(model)
-    was = model.training
-    model.eval()
-    cut = len(x) - len(x) % batch_size
-    correct = 0
-    for lo, hi in ((0, cut), (cut, len(x))):
-        if hi == lo:
-            continue
-        group = min(batch_size, hi - lo)
-        w = _weight(prior, group)
-        handles = [bn.register_forward_hook(_mixed_hook(group, w)) for bn in layers] if w < 1 else []
-        try:
-            correct += (model(x[lo:hi]).argmax(1) == y[lo:hi]).sum().item()
-        finally:
-            for h in handles:
-                h.remove()
-    model.train(was)
-    return correct / len(x)
 
 
 @dataclass(frozen=True)
