@@ -2,7 +2,7 @@
 
 A small 1-D CNN with batch norm (:class:`bnlib.models.CNN1d`) is trained on MNIST-1D
 (Greydanus 2020), then tested on shifted copies of the test split (:func:`bnlib.data.shifted`:
-Gaussian noise, contrast, an additive offset; three severities each) with three ways of
+Gaussian noise, contrast, an additive offset; three severities each) with four ways of
 setting BN's statistics at test time:
 
 * ``"running"``: the running statistics from training (ordinary eval mode);
