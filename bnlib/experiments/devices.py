@@ -71,14 +71,14 @@ class DevicesConfig(Config):
     """Per-device vs synchronised BN statistics as the per-device batch shrinks."""
 
     seeds: tuple[int, ...] = tuple(range(8))
-    dataset: str = "digits"
+    data: str = "digits"
     devices: tuple[int, ...] = (1, 2, 4, 8)
     model: MLPSpec = MLPSpec(depth=2, width=64, norm="batch")
     # the global batch B; evaluated once, at the end
     train: TrainSpec = TrainSpec(momentum=0.9, steps=100, batch_size=32, eval_every=100)
     margin: float = 0.015                # equivalence margin on test accuracy, declared up front
 
-    FULL = {"dataset": "mnist5k", "devices": (1, 2, 4, 8, 16, 32, 64),
+    FULL = {"data": "mnist5k", "devices": (1, 2, 4, 8, 16, 32, 64),
             "train.batch_size": 256, "train.steps": 3000,
             "train.eval_every": 3000, "model.width": 256, "model.depth": 3,
             "seeds": tuple(range(10))}
@@ -95,7 +95,7 @@ def fit_devices(cfg: DevicesConfig, seed: int, devices: int) -> dict:
     if devices < 1 or b % devices or b // devices < 2:
         raise ValueError(f"batch_size {b} must split into {devices} slices of ≥ 2")
     spec = PerDeviceMLPSpec(**dataclasses.asdict(cfg.model), devices=devices, per_device_batch=b // devices)
-    ds = _load(cfg.dataset)
+    ds = _load(cfg.data)
     train_spec = cfg.train if cfg.device == "auto" else dataclasses.replace(cfg.train, device=cfg.device)
     hist = fit(spec, train_spec, ds, seed)
     net = hist.attrs.pop("model")

@@ -50,7 +50,7 @@ __all__ = ["MuseumConfig", "EXHIBITS", "bug_museum", "plot_museum", "fit", "buil
 class MuseumConfig(Config):
     """A small BN MLP per exhibit and seed; bug and fix arms share the seed."""
 
-    dataset: str = "digits"
+    data: str = "digits"
     exhibits: tuple[str, ...] = ("keras_momentum", "no_running_stats", "params_only_checkpoint",
                                  "one_value_per_channel", "frozen_bn_finetune")
     model: MLPSpec = MLPSpec(depth=2, width=64, norm="batch")
@@ -58,7 +58,7 @@ class MuseumConfig(Config):
     finetune_steps: int = 100
     eval_batches: tuple[int, ...] = (2, 8, 32, 512)
 
-    FULL = {"dataset": "mnist5k", "train.steps": 1500, "finetune_steps": 500,
+    FULL = {"data": "mnist5k", "train.steps": 1500, "finetune_steps": 500,
             "model.width": 256, "seeds": tuple(range(8))}
 
 
@@ -70,7 +70,7 @@ def _load(name: str) -> datasets.Dataset:
 def build(cfg: MuseumConfig, seed: int, **bn_options) -> nn.Module:
     """The exhibits' model, ``cfg.model`` built with ``seed``, every batch norm's constructor
     options replaced by ``bn_options`` (e.g. ``momentum=0.99``)."""
-    net = cfg.model.build(seed, _load(cfg.dataset))
+    net = cfg.model.build(seed, _load(cfg.data))
     for block in net.blocks if bn_options else ():
         old = block.norm
         opts = dict(eps=old.eps, momentum=old.momentum, track_running_stats=old.track_running_stats)
@@ -129,7 +129,7 @@ def _trained_default(cfg: MuseumConfig, seed: int) -> nn.Module:
 
 
 def _fitted(cfg: MuseumConfig, seed: int, **bn_options) -> nn.Module:
-    ds = _load(cfg.dataset)
+    ds = _load(cfg.data)
     net = build(cfg, seed, **bn_options)
     fit(net, ds.train.x, ds.train.y, cfg.train, seed)
     return net
@@ -137,7 +137,7 @@ def _fitted(cfg: MuseumConfig, seed: int, **bn_options) -> nn.Module:
 
 def keras_momentum(cfg: MuseumConfig, seed: int) -> list[dict]:
     """``BatchNorm1d(width, momentum=0.99)`` (bug) vs the default 0.1 (fix)."""
-    ds = _load(cfg.dataset)
+    ds = _load(cfg.data)
     rows = []
     for arm, mom in (("bug", 0.99), ("fix", None)):
         net = _train(cfg, seed, momentum=0.99) if mom else _train(cfg, seed)
@@ -149,7 +149,7 @@ def keras_momentum(cfg: MuseumConfig, seed: int) -> list[dict]:
 def no_running_stats(cfg: MuseumConfig, seed: int) -> list[dict]:
     """``track_running_stats=False`` (bug) vs the default (fix), tested in batches of
     every size in ``cfg.eval_batches``."""
-    ds = _load(cfg.dataset)
+    ds = _load(cfg.data)
     rows = []
     for arm in ("bug", "fix"):
         net = _train(cfg, seed, track_running_stats=False) if arm == "bug" else _train(cfg, seed)
@@ -163,7 +163,7 @@ def no_running_stats(cfg: MuseumConfig, seed: int) -> list[dict]:
 def params_only_checkpoint(cfg: MuseumConfig, seed: int) -> list[dict]:
     """Save ``{k: v for k, v in model.named_parameters()}`` and reload it with
     ``strict=False`` (bug) vs save and reload ``model.state_dict()`` (fix)."""
-    ds = _load(cfg.dataset)
+    ds = _load(cfg.data)
     net = _train(cfg, seed)
     rows = []
     for arm in ("bug", "fix"):
@@ -180,7 +180,7 @@ def params_only_checkpoint(cfg: MuseumConfig, seed: int) -> list[dict]:
 def one_value_per_channel(cfg: MuseumConfig, seed: int) -> list[dict]:
     """A training set of ``k · batch_size + 1`` examples, one epoch: keeping the ragged
     last batch (bug) fails at its end; dropping it (fix) trains."""
-    ds = _load(cfg.dataset)
+    ds = _load(cfg.data)
     k = len(ds.train.y) // cfg.train.batch_size - 1
     n = k * cfg.train.batch_size + 1
     x, y = ds.train.x[:n], ds.train.y[:n]
@@ -210,7 +210,7 @@ def frozen_bn_finetune(cfg: MuseumConfig, seed: int) -> list[dict]:
     norms' running statistics move to the new domain); fix: batch norms kept in eval mode.
     ``accuracy`` is the *old* task (original head, original test images) after
     fine-tuning; ``new_task`` the fine-tuned head on inverted test images."""
-    ds = _load(cfg.dataset)
+    ds = _load(cfg.data)
     pre = _train(cfg, seed)
     rows = [dict(arm="pretrained", accuracy=evaluate(pre, ds.test, batch_size=4096)[1])]
     for arm in ("bug", "fix"):
