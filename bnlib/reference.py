@@ -22,7 +22,7 @@ import torch
 
 __all__ = ["batchnorm_forward", "batchnorm_backward", "batchnorm_backward_naive",
            "numerical_gradient", "relative_error", "autograd_batchnorm_grads",
-           "backward_without_variance_path", "backward_peak_memory"]
+           "backward_without_variance_path", "backward_peak_memory", "BACKWARDS", "random_problem"]
 
 Cache = dict
 
@@ -163,13 +163,14 @@ def backward_without_variance_path(dout: np.ndarray, cache: dict) -> tuple[np.nd
     return dx, (dout * xhat).sum(axis=0), dout.sum(axis=0)
 
 
-_BACKWARDS: dict[str, Callable] = {
+#: The two backward passes by name, as chapter 2 times and compares them.
+BACKWARDS: dict[str, Callable] = {
     "naive": batchnorm_backward_naive,
     "closed form": batchnorm_backward,
 }
 
 
-def _problem(n: int, d: int, seed: int) -> tuple[np.ndarray, dict]:
+def random_problem(n: int, d: int, seed: int) -> tuple[np.ndarray, dict]:
     """A random batch-norm problem of shape ``(n, d)``: the upstream gradient and the cache."""
     if n < 2 or d < 1:
         raise ValueError(f"need n ≥ 2 and d ≥ 1, got n={n}, d={d}")
@@ -183,10 +184,10 @@ def _problem(n: int, d: int, seed: int) -> tuple[np.ndarray, dict]:
 def backward_peak_memory(n: int, d: int, impl: str, seed: int = 0) -> int:
     """Peak bytes NumPy allocates (``tracemalloc``) during one backward call of ``impl``
     (``"naive"`` or ``"closed form"``) on an ``(n, d)`` float64 problem."""
-    if impl not in _BACKWARDS:
-        raise ValueError(f"impl must be one of {list(_BACKWARDS)}, got {impl!r}")
-    dout, cache = _problem(n, d, seed)
-    fn = _BACKWARDS[impl]
+    if impl not in BACKWARDS:
+        raise ValueError(f"impl must be one of {list(BACKWARDS)}, got {impl!r}")
+    dout, cache = random_problem(n, d, seed)
+    fn = BACKWARDS[impl]
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()

@@ -35,7 +35,7 @@ from ..inference import evaluate, recompute_batchnorm_stats, statistics_error
 from ..models import MLPSpec
 from ..probes import Probe, SetBNMomentum
 from ..protocol import Protocol, arm_config, load_data
-from ..reference import _BACKWARDS, _problem
+from ..reference import BACKWARDS, random_problem
 from ..timing import paired_ratio, time_interleaved
 from ..train import StepInfo, TrainSpec, fit
 from . import Config, register
@@ -107,10 +107,10 @@ def backward_timing(cfg: BackwardTimingConfig) -> pd.DataFrame:
     seed = cfg.seeds[0] if cfg.seeds else 0
     frames = []
     for n, d in cfg.sizes:
-        dout, cache = _problem(n, d, seed)
-        diff = float(np.abs(_BACKWARDS["naive"](dout, cache)[0]
-                            - _BACKWARDS["closed form"](dout, cache)[0]).max())
-        fns = {name: (lambda fn=fn: fn(dout, cache)) for name, fn in _BACKWARDS.items()}
+        dout, cache = random_problem(n, d, seed)
+        diff = float(np.abs(BACKWARDS["naive"](dout, cache)[0]
+                            - BACKWARDS["closed form"](dout, cache)[0]).max())
+        fns = {name: (lambda fn=fn: fn(dout, cache)) for name, fn in BACKWARDS.items()}
         t = time_interleaved(fns, repeats=cfg.repeats, number=cfg.number, warmup=2, seed=seed,
                              device="cpu")
         frames.append(t.rename(columns={"name": "impl"}).assign(n=n, d=d, max_abs_diff=diff))
