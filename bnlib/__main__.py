@@ -112,8 +112,9 @@ def _run(args, argv: list[str]) -> int:
     prov["seeds"] = list(getattr(cfg, "seeds", ()))
     prov["files"] = files
     (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+    resumed = f", resumed from {prov['resumed_cells']} finished cells" if prov.get("resumed_cells") else ""
     print(f"{exp.name}: {len(df)} rows (computed in {prov['duration_seconds']:.1f} s on "
-          f"{prov['device_name']}, {prov['started']}) -> {out}/")
+          f"{prov['device_name']}, {prov['started']}{resumed}) -> {out}/")
     return 0
 
 

@@ -158,10 +158,13 @@ def cell(description: Mapping[str, Any], compute: Callable[[], T]) -> T:
         except Exception:  # a truncated file (killed mid-write cannot happen, but a foreign one can)
             pass
     value = compute()
-    where.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    pd.to_pickle(value, tmp)
-    tmp.replace(path)
+    try:  # best effort: a checkpoint that cannot be written never fails the computation
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        pd.to_pickle(value, tmp)
+        tmp.replace(path)
+    except OSError:
+        pass
     return value
 
 

@@ -203,6 +203,7 @@ def test_a_killed_run_resumes_from_its_finished_runs(tmp_path, monkeypatch):
     kill[0] = False
     resumed = experiments.run("_tiny_resume", "quick", overrides=to_dict_overrides(TINY))
     assert trained_arms == ["none", "batch"]                          # plain was not trained twice
+    assert resumed.attrs["provenance"]["resumed_cells"] == 1
     assert not list(tmp_path.glob("*.partial"))
     whole = pd.concat([runs(TINY, arms=["plain"]), runs(TINY, arms=["BN"])], ignore_index=True)
     pd.testing.assert_frame_equal(resumed.drop(columns="elapsed"), whole.drop(columns="elapsed"))

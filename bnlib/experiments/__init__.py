@@ -135,9 +135,11 @@ def run(name: str, scale: str | None = None, *, cache_results: bool = True,
     k = cache.key(name, cfg, device.type)
     hit = _MEMO.get(k) or (cache.load(name, k) if cache_results else None)
     if hit is None:
+        from ..distributed import is_main
         started, t0 = dt.datetime.now(dt.timezone.utc), time.perf_counter()
         partial = cache.partial_folder(name, k) if cache_results else None
-        with runtime.pinned_threads(), cache.checkpointing(partial, remove=True):
+        resumed = len(list(partial.glob("cell-*.pkl"))) if partial is not None and partial.exists() else 0
+        with runtime.pinned_threads(), cache.checkpointing(partial, remove=is_main()):
             df = exp.fn(cfg)  # a killed run resumes from its finished cells
         seconds = time.perf_counter() - t0
         command = " ".join(["python -m bnlib run", name, "--scale", scale or current_scale(),
@@ -146,7 +148,8 @@ def run(name: str, scale: str | None = None, *, cache_results: bool = True,
                       command=command,
                       scale=scale or current_scale(), config=to_dict(cfg), rows=len(df),
                       cache_key=k)
-        from ..distributed import is_main
+        if resumed:  # the time above is this session's only
+            prov["resumed_cells"] = resumed
         if cache_results and is_main():  # under torchrun, rank 0 alone writes
             cache.save(name, k, df, prov)
         hit = (df, prov)
