@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .. import cache
 from .. import data as datasets
 from .. import distributed as D
 from .. import progress
@@ -146,7 +147,8 @@ def across_devices(cfg: DevicesConfig) -> pd.DataFrame:
     if bad or 1 not in cfg.devices:
         raise ValueError(f"devices must include 1 and divide batch_size {b} into slices of ≥ 2; "
                          f"bad: {bad}")
-    rows = [dict(seed=seed, **fit_devices(cfg, seed, k))
+    rows = [dict(seed=seed, **cache.cell({"devices": cfg, "k": k, "seed": seed},
+                                         lambda: fit_devices(cfg, seed, k)))
             for k in progress.bar(cfg.devices, desc="devices") for seed in cfg.seeds]
     return pd.DataFrame(rows)
 

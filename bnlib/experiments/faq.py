@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import analysis
+from .. import analysis, cache
 from .. import nn as bnn
 from ..inference import evaluate, recompute_batchnorm_stats
 from ..models import MLPSpec
@@ -230,25 +230,29 @@ def bn_hyperparameters(cfg: HyperConfig) -> pd.DataFrame:
         raise ValueError("bn_hyperparameters needs a batch-norm model (model.norm='batch')")
     data = load_data(cfg)
     spec = train_spec(cfg)
-    out = []
-    for eps in cfg.epsilons:
-        for seed in cfg.seeds:
-            probe = RunningStatsProbe(cfg.momenta, eps)
-            hist = fit(cfg.model, spec, data, seed, callbacks=[probe])
-            probe.close()
-            net, diverged = hist.attrs["model"], bool(hist["diverged"].any())
-            test = data.to(next(net.parameters()).device).test
-            precise = math.nan
+
+    def one(eps: float, seed: int) -> list[dict]:
+        probe = RunningStatsProbe(cfg.momenta, eps)
+        hist = fit(cfg.model, spec, data, seed, callbacks=[probe])
+        probe.close()
+        net, diverged = hist.attrs["model"], bool(hist["diverged"].any())
+        test = data.to(next(net.parameters()).device).test
+        precise = math.nan
+        if not diverged:
+            recompute_batchnorm_stats(net, data.to(next(net.parameters()).device).train.x)
+            precise = evaluate(net, test)[1]
+        out = []
+        for m in cfg.momenta:
+            acc = math.nan
             if not diverged:
-                recompute_batchnorm_stats(net, data.to(next(net.parameters()).device).train.x)
-                precise = evaluate(net, test)[1]
-            for m in cfg.momenta:
-                acc = math.nan
-                if not diverged:
-                    probe.load(net, m)
-                    acc = evaluate(net, test)[1]
-                out.append(dict(momentum=m, eps=eps, seed=seed, test_acc=acc,
-                                precise_test_acc=precise, diverged=diverged))
+                probe.load(net, m)
+                acc = evaluate(net, test)[1]
+            out.append(dict(momentum=m, eps=eps, seed=seed, test_acc=acc,
+                            precise_test_acc=precise, diverged=diverged))
+        return out
+
+    out = [row for eps in cfg.epsilons for seed in cfg.seeds
+           for row in cache.cell({"hyper": cfg, "eps": eps, "seed": seed}, lambda: one(eps, seed))]
     return pd.DataFrame(out).assign(kind="hyper")
 
 

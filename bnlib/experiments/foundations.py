@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .. import cache
 from .. import data as datasets
 from ..inference import evaluate, recompute_batchnorm_stats, statistics_error
 from ..models import MLPSpec
@@ -288,45 +289,50 @@ def inference_statistics(cfg: InferenceStatsConfig) -> pd.DataFrame:
         raise ValueError(f"precise-BN sample counts must be ≥ 2, got {cfg.samples}")
     data = load_data(cfg)
     n_train = len(data.train)
-    rows: list[dict] = []
-    for seed in cfg.seeds:
+
+    def one(seed: int, regime: str) -> list[dict]:
         # the training set in a seeded random order: precise BN takes the first N rows
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
         x = data.train.x[perm]
-        for regime in cfg.arms:
-            acfg = arm_config(cfg, regime)
-            steps = acfg.train.steps
-            tracker = EMATracker(x, every=max(steps // max(cfg.track_points, 1), 1),
-                                 batch_size=cfg.precise_batch_size)
-            probes = [SetBNMomentum(acfg.bn_momentum)] + ([tracker] if seed in cfg.seeds[:cfg.track_seeds] else [])
-            hist = fit(acfg.model, acfg.train, data, seed, callbacks=probes)
-            net = hist.attrs["model"].cpu()
-            base = dict(regime=regime, seed=seed)
+        rows: list[dict] = []
+        acfg = arm_config(cfg, regime)
+        steps = acfg.train.steps
+        tracker = EMATracker(x, every=max(steps // max(cfg.track_points, 1), 1),
+                             batch_size=cfg.precise_batch_size)
+        probes = [SetBNMomentum(acfg.bn_momentum)] + ([tracker] if seed in cfg.seeds[:cfg.track_seeds] else [])
+        hist = fit(acfg.model, acfg.train, data, seed, callbacks=probes)
+        net = hist.attrs["model"].cpu()
+        base = dict(regime=regime, seed=seed)
 
-            def add(method, samples, step, layer, metric, value):
-                rows.append(dict(base, step=step, method=method, samples=samples, layer=layer,
-                                 metric=metric, value=float(value)))
+        def add(method, samples, step, layer, metric, value):
+            rows.append(dict(base, step=step, method=method, samples=samples, layer=layer,
+                             metric=metric, value=float(value)))
 
-            for r in tracker.rows:
-                for metric in ("mean_error", "var_log_ratio"):
-                    add("EMA", math.nan, r["step"], r["layer"], metric, r[metric])
-            full = _precise(net, x, None, cfg.precise_batch_size)
-            models = {"EMA": (net, math.nan)}
-            models.update({f"precise ({s})": (_precise(net, x, s, cfg.precise_batch_size), min(s, n_train))
-                           for s in cfg.samples})
-            models["precise (all)"] = (full, n_train)
-            tracked_end = any(r["step"] == steps for r in tracker.rows)
-            for method, (model, samples) in models.items():
-                loss, acc = evaluate(model, data.test, statistics="running")
-                add(method, samples, steps, 0, "test_accuracy", acc)
-                add(method, samples, steps, 0, "test_loss", loss)
-                if method != "EMA" or not tracked_end:
-                    for r in statistics_error(model, full).to_dict("records"):
-                        for metric in ("mean_error", "var_log_ratio"):
-                            add(method, samples, steps, r["layer"], metric, r[metric])
-            for method, order in (("batch stats", "shuffled"), ("batch stats, class-sorted", "class_sorted")):
-                loss, acc = evaluate(net, data.test, statistics="batch", batch_size=cfg.test_batch_size,
-                                     order=order, seed=seed)
-                add(method, math.nan, steps, 0, "test_accuracy", acc)
-                add(method, math.nan, steps, 0, "test_loss", loss)
+        for r in tracker.rows:
+            for metric in ("mean_error", "var_log_ratio"):
+                add("EMA", math.nan, r["step"], r["layer"], metric, r[metric])
+        full = _precise(net, x, None, cfg.precise_batch_size)
+        models = {"EMA": (net, math.nan)}
+        models.update({f"precise ({s})": (_precise(net, x, s, cfg.precise_batch_size), min(s, n_train))
+                       for s in cfg.samples})
+        models["precise (all)"] = (full, n_train)
+        tracked_end = any(r["step"] == steps for r in tracker.rows)
+        for method, (model, samples) in models.items():
+            loss, acc = evaluate(model, data.test, statistics="running")
+            add(method, samples, steps, 0, "test_accuracy", acc)
+            add(method, samples, steps, 0, "test_loss", loss)
+            if method != "EMA" or not tracked_end:
+                for r in statistics_error(model, full).to_dict("records"):
+                    for metric in ("mean_error", "var_log_ratio"):
+                        add(method, samples, steps, r["layer"], metric, r[metric])
+        for method, order in (("batch stats", "shuffled"), ("batch stats, class-sorted", "class_sorted")):
+            loss, acc = evaluate(net, data.test, statistics="batch", batch_size=cfg.test_batch_size,
+                                 order=order, seed=seed)
+            add(method, math.nan, steps, 0, "test_accuracy", acc)
+            add(method, math.nan, steps, 0, "test_loss", loss)
+        return rows
+
+    rows = [r for seed in cfg.seeds for regime in cfg.arms
+            for r in cache.cell({"inference": cfg, "seed": seed, "regime": regime},
+                                lambda: one(seed, regime))]
     return pd.DataFrame(rows)

@@ -29,7 +29,7 @@ from torch.func import functional_call
 
 from ..models import MLPSpec, mlp
 from ..probes import Probe, frozen_batchnorm_buffers, gradient_norms, weight_norms
-from ..protocol import Protocol, runs
+from ..protocol import Protocol, probed
 from ..train import StepInfo, TrainSpec, resolve_device, seeded
 from . import Config, register, sweep
 
@@ -129,6 +129,8 @@ class LandscapeProbe(Probe):
 class GradNormTracker(Probe):
     """Training callback: the total gradient norm ‖g_t‖ of every step (read from the
     parameters' ``.grad``, which still holds the step's gradient when callbacks run)."""
+
+    name = "gradnorm"  # the ``record`` of its rows in a result
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -245,28 +247,17 @@ class LandscapeConfig(Protocol):
 @register("landscape", LandscapeConfig, title="Loss-landscape smoothness along the gradient (Santurkar)",
           chapter="09_gradients", plot=_landscape_axes)
 def landscape(cfg: LandscapeConfig) -> pd.DataFrame:
-    """Plain vs BN through :func:`bnlib.protocol.runs` with two probes per run.
+    """Plain vs BN through :func:`bnlib.protocol.probed` with two probes per run.
 
     ``record`` says which kind of row: ``"history"`` (the training history), ``"probe"``
     (:func:`landscape_probe` every ``probe_every`` steps: ``step, loss, grad_norm,
     loss_range, grad_pred, grad_pred_rel, beta_eff``) and ``"gradnorm"`` (``step,
     grad_norm, loss`` at every step).
     """
-    made: list[tuple[LandscapeProbe, GradNormTracker]] = []
-
-    def probes():
-        made.append((LandscapeProbe(cfg.train.lr, every=cfg.probe_every, multipliers=cfg.multipliers),
-                     GradNormTracker()))
-        return made[-1]
-
-    hist = runs(cfg, callbacks=probes)
-    keys = hist[["arm", "seed"]].drop_duplicates().itertuples(index=False)
-    frames = [hist.assign(record="history")]
-    for (arm, seed), (probe, norms) in zip(keys, made):
-        div = bool(hist[(hist["arm"] == arm) & (hist["seed"] == seed)]["diverged"].any())
-        frames += [probe.frame().assign(record="probe", arm=arm, seed=seed, diverged=div),
-                   norms.frame().assign(record="gradnorm", arm=arm, seed=seed, diverged=div)]
-    return pd.concat(frames, ignore_index=True)
+    df = probed(cfg, lambda acfg, data: [
+        LandscapeProbe(cfg.train.lr, every=cfg.probe_every, multipliers=cfg.multipliers),
+        GradNormTracker()])
+    return df.assign(kind=df["record"].where(df["record"] == "history"))
 
 
 # --- gradients at initialisation ----------------------------------------------------------

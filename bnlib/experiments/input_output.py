@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import cache
 from .. import data as datasets
 from .. import nn as bnn
 from ..analysis import expected_calibration_error
@@ -130,12 +131,16 @@ def rerun_with_layer(cfg: IOConfig, df: pd.DataFrame, arm: str, impl: str = "bnl
         raise ValueError(f"{arm!r} has no tuning choice in this result")
     lr = float(chosen.iloc[0])
     again = override(cfg, {"model.net.norm_impl": impl})
-    rows = []
-    for seed in cfg.seeds:
-        net, data, hist = train_one(again, arm, lr, seed)
-        rows.append(dict(seed=seed, lr=lr, diverged=bool(hist["diverged"].any()),
-                         **_measures(net, data, arm, cfg.n_bins)))
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"seed": seed, **_final(again, arm, lr, seed)} for seed in cfg.seeds])
+
+
+def _final(cfg: IOConfig, arm: str, lr: float, seed: int) -> dict:
+    """One reported run's measures (kept for a resumed computation)."""
+    def one() -> dict:
+        net, data, hist = train_one(cfg, arm, lr, seed)
+        div = bool(hist["diverged"].any())
+        return dict(lr=lr, diverged=div, **({} if div else _measures(net, data, arm, cfg.n_bins)))
+    return cache.cell({"input_output": cfg, "arm": arm, "lr": lr, "seed": seed}, one)
 
 
 @torch.no_grad()
@@ -180,13 +185,8 @@ def input_output(cfg: IOConfig) -> pd.DataFrame:
     if bad or not cfg.arms:
         raise ValueError(f"arms must be among {ARMS}, got {list(cfg.arms)}")
     choice = choose(cfg)[1]
-    out = []
-    for arm, lr in zip(choice["arm"], choice["lr"]):
-        for seed in cfg.seeds:
-            net, data, hist = train_one(cfg, arm, float(lr), seed)
-            div = bool(hist["diverged"].any())
-            out.append(dict(arm=arm, seed=seed, lr=float(lr), diverged=div,
-                            **({} if div else _measures(net, data, arm, cfg.n_bins))))
+    out = [dict(arm=arm, seed=seed, **_final(cfg, arm, float(lr), seed))
+           for arm, lr in zip(choice["arm"], choice["lr"]) for seed in cfg.seeds]
     return pd.concat([pd.DataFrame(out).assign(kind="final"), choice.assign(kind="choice")],
                      ignore_index=True)
 

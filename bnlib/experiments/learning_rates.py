@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .. import analysis
+from .. import analysis, cache
 from ..models import MLPSpec
 from ..protocol import (
     HiddenWeightNorms,
@@ -54,16 +54,15 @@ class LRConfig(Protocol):
 
 
 def _weights(cfg: LRConfig) -> pd.DataFrame:
-    frames = []
-    for arm in cfg.arms:
-        acfg = arm_config(cfg, arm)
-        for lr in cfg.track_lrs:
-            for seed in cfg.track_seeds:
-                probe = HiddenWeightNorms(every=cfg.train.eval_every)
-                fit(acfg.model, dataclasses.replace(acfg.train, lr=lr), load_data(acfg), seed,
-                    callbacks=[probe])
-                s = probe.tracker.summary()
-                frames.append(s.assign(eff_lr=lr / s["w_ratio"] ** 2, arm=arm, lr=lr, seed=seed))
+    def one(acfg: LRConfig, arm: str, lr: float, seed: int) -> pd.DataFrame:
+        probe = HiddenWeightNorms(every=cfg.train.eval_every)
+        fit(acfg.model, dataclasses.replace(acfg.train, lr=lr), load_data(acfg), seed, callbacks=[probe])
+        s = probe.tracker.summary()
+        return s.assign(eff_lr=lr / s["w_ratio"] ** 2, arm=arm, lr=lr, seed=seed)
+
+    frames = [cache.cell({"weights": acfg, "lr": lr, "seed": seed}, lambda: one(acfg, arm, lr, seed))
+              for arm, acfg in ((a, arm_config(cfg, a)) for a in cfg.arms)
+              for lr in cfg.track_lrs for seed in cfg.track_seeds]
     return pd.concat(frames, ignore_index=True).assign(kind="weights")
 
 

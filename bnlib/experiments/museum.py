@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .. import cache
 from .. import data as datasets
 from ..config import override
 from ..doctor import diagnose
@@ -272,8 +273,9 @@ def bug_museum(cfg: MuseumConfig) -> pd.DataFrame:
     unknown = [e for e in cfg.exhibits if e not in EXHIBITS]
     if unknown:
         raise ValueError(f"unknown exhibits {unknown}; choose from {list(EXHIBITS)}")
-    rows = [dict(exhibit=name, seed=seed, **row)
-            for seed in cfg.seeds for name in cfg.exhibits for row in EXHIBITS[name](cfg, seed)]
+    rows = [dict(exhibit=name, seed=seed, **row) for seed in cfg.seeds for name in cfg.exhibits
+            for row in cache.cell({"exhibit": name, "cfg": cfg, "seed": seed},
+                                  lambda: EXHIBITS[name](cfg, seed))]
     df = pd.DataFrame(rows)
     for col, fill in (("eval_batch", float("nan")), ("new_task", float("nan")), ("note", ""),
                       ("findings", "")):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import pandas as pd
 from torch import nn
 
+from .. import cache
 from .. import data as datasets
 from ..data import SHIFT_KINDS, shifted
 from ..inference import adapt_batchnorm_stats, grouped_accuracy, recompute_batchnorm_stats
@@ -97,11 +98,12 @@ def bn_under_shift(cfg: ShiftConfig) -> pd.DataFrame:
     """Test accuracy of every seed's model under every shift condition and statistics
     method: columns ``seed, shift, level, method, batch_size, prior, accuracy``
     (``batch_size``/``prior`` NaN where they do not apply)."""
-    rows = []
     dev = resolve_device(cfg.device)
     ds = _data(cfg.n)
     test = ds.test.to(dev)
-    for seed in cfg.seeds:
+
+    def one(seed: int) -> list[dict]:
+        rows = []
         net = fit(cfg, seed)
         precise = recompute_batchnorm_stats(copy.deepcopy(net), ds.train.x.to(dev))
         for kind, level in cfg.conditions():
@@ -117,7 +119,10 @@ def bn_under_shift(cfg: ShiftConfig) -> pd.DataFrame:
                 rows.append(dict(base, method="batch", batch_size=b, prior=n_prior,
                                  accuracy=grouped_accuracy(net, x, test.y, batch_size=b,
                                                            prior=n_prior)))
-    return pd.DataFrame(rows)
+        return rows
+
+    return pd.DataFrame([r for seed in cfg.seeds
+                         for r in cache.cell({"shift": cfg, "seed": seed}, lambda: one(seed))])
 
 
 def _label(method: str, b: float, prior: float) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from .. import cache
 from ..config import override
 from ..models import MLPSpec
 from ..probes import PercentileTracker
@@ -180,10 +181,13 @@ def ioffe_mnist(cfg: IoffeConfig) -> pd.DataFrame:
             data = load_data(acfg)
             probe_x = acfg.model.inputs(data).test.x[:cfg.probe_size]
             for seed in cfg.probe_seeds:
-                probe = _LastSigmoidInput(probe_x, unit=cfg.unit, every=cfg.probe_every)
-                fit(acfg.model, acfg.train, data, seed, callbacks=[probe])
-                frames.append(probe.frame().assign(kind="percentile", arm=arm, seed=seed,
-                                                   lr=float(lr), init_std=std))
+                def one(seed=seed) -> pd.DataFrame:
+                    probe = _LastSigmoidInput(probe_x, unit=cfg.unit, every=cfg.probe_every)
+                    fit(acfg.model, acfg.train, data, seed, callbacks=[probe])
+                    return probe.frame()
+                frame = cache.cell({"percentile": acfg, "probe": cfg, "seed": seed}, one)
+                frames.append(frame.assign(kind="percentile", arm=arm, seed=seed, lr=float(lr),
+                                           init_std=std))
     return pd.concat(frames, ignore_index=True)
 
 
