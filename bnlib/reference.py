@@ -18,7 +18,6 @@ import tracemalloc
 from typing import Callable
 
 import numpy as np
-import torch
 
 __all__ = ["batchnorm_forward", "batchnorm_backward", "batchnorm_backward_naive",
            "numerical_gradient", "relative_error", "autograd_batchnorm_grads",
@@ -139,6 +138,7 @@ def autograd_batchnorm_grads(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
         raise ValueError(f"x must be an (N, D) array, got shape {x.shape}")
     if np.shape(dout) != x.shape:
         raise ValueError(f"dout must have the shape of x {x.shape}, got {np.shape(dout)}")
+    import torch  # the one function here that needs it: the module stays NumPy for readers
     xt = torch.tensor(x, requires_grad=True)
     g = torch.tensor(np.asarray(gamma, dtype=np.float64), requires_grad=True)
     b = torch.tensor(np.asarray(beta, dtype=np.float64), requires_grad=True)
